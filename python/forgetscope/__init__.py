@@ -1,0 +1,34 @@
+"""forgetscope: what did the fine-tune overwrite?
+
+Streams safetensors checkpoints (sharded, bf16/fp16/fp32/FP8/MXFP4, larger than RAM) through a Rust
+core and reports how every tensor moved. This module never imports torch.
+"""
+
+from ._core import __version__
+from .api import inspect, parse_size, read_tensor, trajectory
+from .exceptions import (
+    CheckpointNotFoundError,
+    CheckpointPermissionError,
+    ForgetscopeError,
+    InvalidCheckpointError,
+    UnsafePathError,
+    UsageError,
+)
+from .results import Inspection, TrajectoryResults, load_results
+
+__all__ = [
+    "__version__",
+    "trajectory",
+    "inspect",
+    "read_tensor",
+    "parse_size",
+    "load_results",
+    "TrajectoryResults",
+    "Inspection",
+    "ForgetscopeError",
+    "UsageError",
+    "InvalidCheckpointError",
+    "UnsafePathError",
+    "CheckpointNotFoundError",
+    "CheckpointPermissionError",
+]

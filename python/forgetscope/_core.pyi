@@ -1,0 +1,30 @@
+"""Type stubs of the compiled extension (forgetscope._core)."""
+
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+import os
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+SCHEMA_VERSION: int
+DEFAULT_MEMORY_BUDGET: int
+MIN_MEMORY_BUDGET: int
+
+_Path = Union[str, "os.PathLike[str]"]
+Columns = Dict[str, Union[npt.NDArray[np.float64], npt.NDArray[np.int64], List[str]]]
+ProgressFn = Callable[[int, int, int, int], Any]
+
+def trajectory(
+    paths: Sequence[_Path],
+    *,
+    threads: int = 0,
+    memory_budget: int = ...,
+    allow_external_symlinks: bool = False,
+    progress: Optional[ProgressFn] = None,
+) -> Tuple[Columns, str]: ...
+def inspect(path: _Path, *, allow_external_symlinks: bool = False) -> Tuple[Columns, str]: ...
+def read_tensor(
+    path: _Path, name: str, *, allow_external_symlinks: bool = False, max_bytes: int = ...
+) -> npt.NDArray[np.float32]: ...
+def fp8_table(dtype: str) -> npt.NDArray[np.float32]: ...

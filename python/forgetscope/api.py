@@ -1,0 +1,138 @@
+"""The public Python API over the Rust core."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _core
+from .exceptions import UsageError
+from .results import Inspection, TrajectoryResults
+
+PathLike = Union[str, "os.PathLike[str]"]
+ProgressFn = Callable[[int, int, int, int], object]
+
+DEFAULT_MEMORY_BUDGET: int = _core.DEFAULT_MEMORY_BUDGET
+
+_in_forked_child = False
+
+
+def _mark_forked() -> None:
+    global _in_forked_child
+    _in_forked_child = True
+
+
+# DataLoader workers fork: a forked child runs single-threaded unless told otherwise.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_mark_forked)
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "ki": 2**10, "m": 10**6, "mb": 10**6,
+          "mib": 2**20, "mi": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "gi": 2**30,
+          "t": 10**12, "tb": 10**12, "tib": 2**40, "ti": 2**40}
+
+
+def parse_size(value: Union[int, str]) -> int:
+    """Parse a byte size: an int, or text like ``"512MiB"``, ``"2G"``, ``"1.5GiB"``.
+
+    >>> parse_size("512MiB")
+    536870912
+    """
+    if isinstance(value, bool):
+        raise UsageError(f"invalid size {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise UsageError(f"size must be non-negative, got {value}")
+        return value
+    m = _SIZE.match(str(value))
+    unit = (m.group(2) or "").lower() if m else None
+    if not m or unit not in _UNITS:
+        raise UsageError(f"invalid size {value!r} (examples: 512MiB, 2GiB, 1000000)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def resolve_threads(threads: Optional[int]) -> int:
+    """``threads`` if given, else ``FORGETSCOPE_NUM_THREADS``, else 1 in a forked child, else 0 (all cores)."""
+    if threads is None:
+        env = os.environ.get("FORGETSCOPE_NUM_THREADS")
+        if env:
+            try:
+                threads = int(env)
+            except ValueError:
+                raise UsageError(f"FORGETSCOPE_NUM_THREADS={env!r} is not an integer") from None
+        else:
+            return 1 if _in_forked_child else 0
+    if threads < 1:
+        raise UsageError(f"threads must be at least 1, got {threads}")
+    return threads
+
+
+def trajectory(
+    base: PathLike,
+    *checkpoints: PathLike,
+    threads: Optional[int] = None,
+    memory_budget: Union[int, str] = DEFAULT_MEMORY_BUDGET,
+    allow_external_symlinks: bool = False,
+    progress: Optional[ProgressFn] = None,
+) -> TrajectoryResults:
+    """Weight trajectories of every tensor from ``base`` through ``checkpoints``.
+
+    Each tensor is read once per checkpoint, decoded to f32 (FP8 with its scales, MXFP4 with its
+    E8M0 scales) and reduced in f64. Memory stays under ``memory_budget`` whatever the checkpoint size.
+
+    Args:
+        base: the reference checkpoint (file, directory, index or Hugging Face snapshot).
+        *checkpoints: one or more later checkpoints, in training order.
+        threads: worker threads (default: ``FORGETSCOPE_NUM_THREADS`` or all cores).
+        memory_budget: bytes (or ``"512MiB"``) for read buffers; default 512 MiB.
+        allow_external_symlinks: follow symlinks that leave a checkpoint directory.
+        progress: called about every 100 ms as ``progress(done_bytes, total_bytes, done_tensors, total_tensors)``.
+
+    Returns:
+        TrajectoryResults with one row per (tensor, checkpoint t ≥ 1).
+
+    Raises:
+        InvalidCheckpointError: malformed or unsafe input (names the file and tensor).
+        UsageError: invalid options.
+        KeyboardInterrupt: on Ctrl-C, after the workers stopped.
+    """
+    if not checkpoints:
+        raise UsageError("trajectory needs a base and at least one more checkpoint")
+    cols, meta = _core.trajectory(
+        [os.fspath(p) for p in (base, *checkpoints)],
+        threads=resolve_threads(threads),
+        memory_budget=parse_size(memory_budget),
+        allow_external_symlinks=allow_external_symlinks,
+        progress=progress,
+    )
+    return TrajectoryResults(cols, json.loads(meta))
+
+
+def inspect(path: PathLike, *, allow_external_symlinks: bool = False) -> Inspection:
+    """Validate a checkpoint and list every stored tensor (name, dtype, shape, shard, bytes, role).
+
+    Raises:
+        InvalidCheckpointError: with a one-line reason naming the file (and tensor).
+    """
+    cols, meta = _core.inspect(os.fspath(path), allow_external_symlinks=allow_external_symlinks)
+    return Inspection(cols, json.loads(meta))
+
+
+def read_tensor(
+    path: PathLike,
+    name: str,
+    *,
+    allow_external_symlinks: bool = False,
+    max_bytes: Union[int, str] = "4GiB",
+) -> np.ndarray:
+    """Decode one tensor to a float32 array (FP8 and MXFP4 with their scales applied).
+
+    >>> # read_tensor("ckpt/", "model.layers.0.self_attn.q_proj.weight").shape
+    """
+    return _core.read_tensor(
+        os.fspath(path), name, allow_external_symlinks=allow_external_symlinks, max_bytes=parse_size(max_bytes)
+    )

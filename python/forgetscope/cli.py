@@ -1,0 +1,140 @@
+"""The ``forgetscope`` command line.
+
+Exit codes (everywhere): 0 ok; 1 a gate/threshold failed; 2 usage error; 3 invalid or unsafe input;
+4 internal error; 130 interrupted (Ctrl-C). Errors print one line, ``forgetscope: error: ...``,
+naming the file (and tensor); set ``FORGETSCOPE_DEBUG=1`` for a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import traceback
+from typing import List, Optional, Sequence
+
+from . import __version__
+from ._display import escape
+from ._progress import ProgressBar
+from .exceptions import ForgetscopeError, UsageError
+
+EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPT = 0, 1, 2, 3, 4, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> "NoReturn":  # type: ignore[name-defined] # noqa: F821
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _common_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, help="worker threads (default: FORGETSCOPE_NUM_THREADS or all cores)")
+    p.add_argument("--memory-budget", default="512MiB", help="memory for read buffers, e.g. 512MiB, 2GiB (default 512MiB)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
+    p.add_argument("--allow-external-symlinks", action="store_true",
+                   help="follow symlinks that leave a checkpoint directory (Hugging Face blobs/ is always allowed)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="forgetscope", description="What did the fine-tune overwrite? Checkpoint forensics from safetensors.")
+    p.add_argument("--version", action="version", version=f"forgetscope {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    d = sub.add_parser("demo", help="write a small sharded MoE base + two fine-tunes and show their trajectory")
+    d.add_argument("--dir", help="write the demo checkpoints here and keep them (default: a temporary directory)")
+    d.add_argument("-o", "--output", action="append", default=[], help="also write results (.json, .csv, .parquet)")
+    _common_run(d)
+
+    i = sub.add_parser("inspect", help="validate a checkpoint and list its tensors")
+    i.add_argument("checkpoint", help="a .safetensors file, a checkpoint directory, an index, or a HF snapshot")
+    i.add_argument("--json", metavar="PATH", help="write the listing as JSON ('-' for stdout)")
+    i.add_argument("--all", action="store_true", help="list every tensor (default: the first 50)")
+    i.add_argument("--allow-external-symlinks", action="store_true")
+
+    t = sub.add_parser("trajectory", help="weight trajectories of every tensor across checkpoints")
+    t.add_argument("base", help="the reference checkpoint")
+    t.add_argument("checkpoints", nargs="+", help="later checkpoints, in order")
+    t.add_argument("-o", "--output", action="append", default=[], help="write results (.json, .csv, .parquet); repeatable")
+    t.add_argument("--top", type=int, default=1, help="top movers shown per layer (default 1)")
+    t.add_argument("--metric", default="rel_delta", choices=["rel_delta", "fro_delta", "one_minus_cos", "step_drift", "path_length"],
+                   help="metric ranking the top movers (default rel_delta)")
+    _common_run(t)
+    return p
+
+
+def _run_trajectory(paths: Sequence[str], args: argparse.Namespace) -> int:
+    from .api import trajectory
+
+    bar = ProgressBar(enabled=None if not args.quiet else False)
+    try:
+        res = trajectory(
+            paths[0], *paths[1:], threads=args.threads, memory_budget=args.memory_budget,
+            allow_external_symlinks=args.allow_external_symlinks, progress=bar,
+        )
+    finally:
+        bar.close()
+    for out in args.output:
+        res.save(out)
+    if not args.quiet:
+        print(res.summary(top=getattr(args, "top", 1), metric=getattr(args, "metric", "rel_delta")))
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import write_demo
+
+    if args.dir:
+        paths = write_demo(args.dir)
+        return _run_trajectory([paths["base"], paths["ft1"], paths["ft2"]], args)
+    with tempfile.TemporaryDirectory(prefix="forgetscope-demo-") as tmp:
+        paths = write_demo(tmp)
+        if not args.quiet:
+            print(f"demo: wrote a sharded bf16 MoE base and two fine-tunes under {tmp}")
+        return _run_trajectory([paths["base"], paths["ft1"], paths["ft2"]], args)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .api import inspect
+
+    res = inspect(args.checkpoint, allow_external_symlinks=args.allow_external_symlinks)
+    if args.json == "-":
+        sys.stdout.write(res.to_json() + "\n")
+    else:
+        if args.json:
+            res.to_json(args.json)
+        print(res.summary(limit=None if args.all else 50))
+    return EXIT_OK
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point; returns the exit code (the console script exits with it)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        handler = {"demo": _cmd_demo, "inspect": _cmd_inspect, "trajectory": lambda a: _run_trajectory([a.base, *a.checkpoints], a)}
+        return handler[args.command](args)
+    except KeyboardInterrupt:
+        print("forgetscope: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPT
+    except ForgetscopeError as e:
+        if os.environ.get("FORGETSCOPE_DEBUG"):
+            traceback.print_exc()
+        print(f"forgetscope: error: {escape(str(e))}", file=sys.stderr)
+        return e.exit_code
+    except SystemExit as e:  # --help / --version
+        return int(e.code or 0) if isinstance(e.code, int) else EXIT_OK
+    except BrokenPipeError:
+        return EXIT_OK
+    except BaseException as e:  # includes pyo3's PanicException
+        if os.environ.get("FORGETSCOPE_DEBUG"):
+            traceback.print_exc()
+        print(f"forgetscope: internal error: {type(e).__name__}: {escape(str(e))} "
+              "(set FORGETSCOPE_DEBUG=1 for a traceback; please report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Result objects: typed access, JSON / CSV / Parquet output (atomic), pandas, terminal summaries."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+
+from ._display import escape
+from ._io import atomic_path, atomic_write
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: Columns whose value is -1 when absent (no layer / no expert).
+_OPTIONAL_INT = ("layer", "expert")
+
+
+def _clean(v: Any) -> Any:
+    """numpy scalars → Python; NaN/Inf → None (JSON has no NaN)."""
+    if isinstance(v, (np.floating, float)):
+        f = float(v)
+        return f if math.isfinite(f) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+class _Table:
+    """Shared behaviour of column-oriented results."""
+
+    kind = "table"
+
+    def __init__(self, columns: Dict[str, Any], meta: Dict[str, Any]) -> None:
+        self.columns = columns
+        self.meta = meta
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.meta["schema_version"])
+
+    def __len__(self) -> int:
+        first = next(iter(self.columns.values()), [])
+        return len(first)
+
+    @property
+    def column_names(self) -> List[str]:
+        return list(self.columns)
+
+    def rows(self) -> Iterator[Dict[str, Any]]:
+        """Iterate rows as dicts of Python values (NaN kept as float('nan'))."""
+        names = list(self.columns)
+        cols = [self.columns[n] for n in names]
+        for i in range(len(self)):
+            yield {n: (c[i].item() if isinstance(c, np.ndarray) else c[i]) for n, c in zip(names, cols)}
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-ready dict: metadata plus ``rows`` (NaN → null)."""
+        out = dict(self.meta)
+        out["kind"] = self.kind
+        out["columns"] = list(self.columns)
+        out["rows"] = [{k: _clean(v) for k, v in r.items()} for r in self.rows()]
+        return out
+
+    def to_json(self, path: Optional[PathLike] = None, *, indent: Optional[int] = 1) -> str:
+        """Serialise to JSON; write atomically to ``path`` when given. Returns the text."""
+        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
+        if path is not None:
+            with atomic_write(path) as f:
+                f.write(text)
+                f.write("\n")
+        return text
+
+    def to_csv(self, path: PathLike) -> None:
+        """Write the rows as CSV (atomically). Undefined values are written as ``nan``."""
+        with atomic_write(path) as f:
+            w = csv.writer(f)
+            w.writerow(list(self.columns))
+            for r in self.rows():
+                w.writerow(list(r.values()))
+
+    def to_pandas(self) -> "Any":
+        """A pandas DataFrame (needs ``pip install forgetscope[tables]``)."""
+        try:
+            import pandas as pd
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("to_pandas() needs pandas: pip install 'forgetscope[tables]'") from e
+        data = {}
+        for k, v in self.columns.items():
+            if k in _OPTIONAL_INT and isinstance(v, np.ndarray):
+                data[k] = pd.array(np.where(v < 0, None, v).tolist(), dtype="Int64")
+            else:
+                data[k] = v
+        df = pd.DataFrame(data)
+        df.attrs.update({k: v for k, v in self.meta.items() if k != "rows"})
+        return df
+
+    def to_parquet(self, path: PathLike) -> None:
+        """Write a Parquet file (atomically; needs pyarrow). Metadata goes into the schema metadata."""
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("to_parquet() needs pyarrow: pip install 'forgetscope[tables]'") from e
+        arrays = {}
+        for k, v in self.columns.items():
+            if k in _OPTIONAL_INT and isinstance(v, np.ndarray):
+                arrays[k] = pa.array(v, mask=v < 0)
+            else:
+                arrays[k] = pa.array(v)
+        table = pa.table(arrays)
+        meta = {b"forgetscope": json.dumps({**self.meta, "kind": self.kind}, allow_nan=False).encode()}
+        table = table.replace_schema_metadata(meta)
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
+
+    def save(self, path: PathLike) -> None:
+        """Write by extension: ``.json``, ``.csv`` or ``.parquet``."""
+        suffix = Path(path).suffix.lower()
+        if suffix == ".json":
+            self.to_json(path)
+        elif suffix == ".csv":
+            self.to_csv(path)
+        elif suffix in (".parquet", ".pq"):
+            self.to_parquet(path)
+        else:
+            from .exceptions import UsageError
+
+            raise UsageError(f"{path}: unknown output format {suffix!r} (use .json, .csv or .parquet)")
+
+
+class TrajectoryResults(_Table):
+    """Weight trajectories: one row per (tensor, checkpoint t ≥ 1).
+
+    Columns: ``tensor, checkpoint, layer, expert, kind, component, shape, numel, format,
+    base_format, base_norm, norm, fro_delta, rel_delta, one_minus_cos, step_drift, path_length,
+    straightness, step_cos, frac_unchanged, n_nan, n_inf, base_n_nan, base_n_inf``
+    (definitions in ``meta["conventions"]``). ``layer``/``expert`` are -1 when absent.
+    """
+
+    kind = "trajectory"
+
+    @property
+    def checkpoints(self) -> List[Dict[str, Any]]:
+        return list(self.meta["checkpoints"])
+
+    @property
+    def mismatches(self) -> List[Dict[str, Any]]:
+        return list(self.meta["mismatches"])
+
+    @property
+    def conventions(self) -> Dict[str, str]:
+        return dict(self.meta["conventions"])
+
+    @property
+    def stats(self) -> Dict[str, Any]:
+        return dict(self.meta["stats"])
+
+    def metric(self, name: str, checkpoint: int = -1) -> Dict[str, float]:
+        """``{tensor: value}`` of one metric at one checkpoint (1-based; -1 = last)."""
+        ck = np.asarray(self.columns["checkpoint"])
+        k = int(ck.max()) if len(ck) else 0
+        want = k if checkpoint == -1 else checkpoint
+        sel = np.nonzero(ck == want)[0]
+        vals = np.asarray(self.columns[name])
+        names = self.columns["tensor"]
+        return {names[i]: float(vals[i]) for i in sel}
+
+    def top_movers(self, per_layer: int = 1, metric: str = "rel_delta", checkpoint: int = -1) -> List[Dict[str, Any]]:
+        """The ``per_layer`` tensors with the largest ``metric`` in each layer (NaN ignored)."""
+        ck = np.asarray(self.columns["checkpoint"])
+        if not len(ck):
+            return []
+        want = int(ck.max()) if checkpoint == -1 else checkpoint
+        vals = np.asarray(self.columns[metric], dtype=np.float64)
+        layers = np.asarray(self.columns["layer"])
+        out: List[Dict[str, Any]] = []
+        for layer in sorted(set(layers[ck == want].tolist())):
+            idx = np.nonzero((ck == want) & (layers == layer) & np.isfinite(vals))[0]
+            idx = idx[np.argsort(-vals[idx], kind="stable")][:per_layer]
+            for i in idx:
+                out.append({
+                    "layer": int(layer), "tensor": self.columns["tensor"][i], metric: float(vals[i]),
+                    "frac_unchanged": float(self.columns["frac_unchanged"][i]),
+                })
+        return out
+
+    def summary(self, top: int = 1, metric: str = "rel_delta") -> str:
+        """A short terminal summary: inputs, throughput, mismatches and the top movers per layer."""
+        lines: List[str] = []
+        cks = self.checkpoints
+        st = self.stats
+        gb = st["bytes_read"] / 1e9
+        rate = gb / st["seconds"] if st["seconds"] > 0 else float("inf")
+        lines.append(f"base: {escape(cks[0]['path'])} ({cks[0]['n_tensors']} tensors, {cks[0]['n_files']} file(s))")
+        for i, c in enumerate(cks[1:], 1):
+            lines.append(f"  {i}: {escape(c['path'])}")
+        lines.append(
+            f"read {gb:.3f} GB in {st['seconds']:.2f} s ({rate:.2f} GB/s) with {st['threads']} thread(s)"
+        )
+        skipped = sum(len(c["skipped"]) for c in cks)
+        if skipped:
+            lines.append(f"skipped {skipped} non-float or unscaled tensor(s) (see checkpoints[*].skipped)")
+        for c in cks:
+            for w in c["warnings"]:
+                lines.append(f"warning: {escape(c['path'])}: {escape(w)}")
+        if self.mismatches:
+            kinds: Dict[str, int] = {}
+            for m in self.mismatches:
+                kinds[m["kind"]] = kinds.get(m["kind"], 0) + 1
+            lines.append("mismatches: " + ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())))
+            for m in self.mismatches[:5]:
+                lines.append(f"  {escape(m['tensor'])}: {escape(m['detail'])}")
+            if len(self.mismatches) > 5:
+                lines.append(f"  ... {len(self.mismatches) - 5} more")
+        if len(self):
+            k = int(np.max(self.columns["checkpoint"]))
+            rel = np.asarray(self.columns[metric])[np.asarray(self.columns["checkpoint"]) == k]
+            fin = rel[np.isfinite(rel)]
+            if fin.size:
+                lines.append(
+                    f"{metric} at checkpoint {k}: median {np.median(fin):.3e}, max {fin.max():.3e} over {fin.size} tensors"
+                )
+            sel = np.asarray(self.columns["checkpoint"]) == k
+            unchanged = np.asarray(self.columns["frac_unchanged"])[sel]
+            moved = np.asarray(self.columns["fro_delta"])[sel] > 0
+            floor = int(np.sum(moved & (unchanged > 0.5)))
+            if floor:
+                lines.append(
+                    f"warning: {floor} tensor(s) have frac_unchanged > 0.5: their drift is dominated by storage rounding"
+                )
+            lines.append(f"top movers per layer ({metric}, checkpoint {k}):")
+            for r in self.top_movers(top, metric=metric, checkpoint=k):
+                layer = "-" if r["layer"] < 0 else str(r["layer"])
+                lines.append(f"  layer {layer:>4}  {r[metric]:.3e}  {escape(r['tensor'])}")
+        return "\n".join(lines)
+
+
+class Inspection(_Table):
+    """Every stored tensor of one checkpoint: ``name, dtype, shape, shard, offset, bytes, role, of``."""
+
+    kind = "inspect"
+
+    def summary(self, limit: Optional[int] = None) -> str:
+        m = self.meta
+        lines = [
+            f"{escape(m['path'])}: {m['layout']['kind']}, {len(m['files'])} file(s), "
+            f"{m['total_bytes'] / 1e9:.3f} GB, {m['n_tensors']} analysable tensor(s) of {m['n_stored']} stored",
+        ]
+        if m["formats"]:
+            lines.append("formats: " + ", ".join(f"{k} x{v}" for k, v in m["formats"].items()))
+        for s in m["skipped"]:
+            lines.append(f"skipped {escape(s['name'])} ({s['dtype']}): {escape(s['reason'])}")
+        for w in m["warnings"]:
+            lines.append(f"warning: {escape(w)}")
+        rows = list(self.rows())
+        shown = rows if limit is None else rows[:limit]
+        if shown:
+            wname = min(max(len(escape(r["name"])) for r in shown), 72)
+            lines.append(f"{'name':<{wname}}  {'dtype':<8} {'shape':<20} {'bytes':>14}  {'role':<12} shard")
+            for r in shown:
+                role = r["role"] if not r["of"] else f"{r['role']}"
+                lines.append(
+                    f"{escape(r['name']):<{wname}}  {r['dtype']:<8} {r['shape']:<20} {r['bytes']:>14}  "
+                    f"{role:<12} {escape(os.path.basename(r['shard']))}"
+                )
+            if len(shown) < len(rows):
+                lines.append(f"... {len(rows) - len(shown)} more (use --all or --json)")
+        return "\n".join(lines)
+
+
+def load_results(path: PathLike) -> _Table:
+    """Load results written by ``to_json``."""
+    with open(path, encoding="utf-8") as f:
+        d = json.load(f)
+    names: Sequence[str] = d.pop("columns")
+    rows = d.pop("rows")
+    kind = d.pop("kind", "trajectory")
+    cols: Dict[str, Any] = {}
+    for n in names:
+        vals = [r[n] for r in rows]
+        if vals and all(isinstance(v, str) for v in vals):
+            cols[n] = vals
+        elif all(isinstance(v, int) for v in vals) and vals:
+            cols[n] = np.asarray(vals, dtype=np.int64)
+        else:
+            cols[n] = np.asarray([np.nan if v is None else v for v in vals], dtype=np.float64)
+    cls = TrajectoryResults if kind == "trajectory" else Inspection
+    return cls(cols, d)

@@ -1,0 +1,240 @@
+//! `weight_drift`: trajectory metrics of one tensor across checkpoints W₀ → W₁ → … → W_k.
+//!
+//! Formulas (METRICS.md §1.1–1.2), with Δ_t = W_t − W₀ and δ_t = W_t − W_{t−1}:
+//! - `fro_delta`      D_t = ‖Δ_t‖_F
+//! - `rel_delta`      D_t / ‖W₀‖_F (NaN when ‖W₀‖ = 0)
+//! - `one_minus_cos`  1 − ⟨W₀,W_t⟩/(‖W₀‖‖W_t‖), computed as (D_t² − (‖W_t‖ − ‖W₀‖)²)/(2‖W₀‖‖W_t‖),
+//!   which keeps full relative precision for tiny drifts where 1 − ⟨·,·⟩/(‖·‖‖·‖) cancels;
+//!   clamped to [0, 2]; NaN when either norm is 0
+//! - `step_drift`     s_t = ‖δ_t‖_F
+//! - `path_length`    P_t = Σ_{τ≤t} s_τ
+//! - `straightness`   D_t / P_t ∈ [0, 1] (NaN when P_t = 0: no movement)
+//! - `step_cos`       cos(δ_t, δ_{t+1}) (NaN for the last step or a zero step)
+//! - `frac_unchanged` #{W_t,ij = W₀,ij} / numel — the bf16 rounding floor: above 0.5 the drift is
+//!   dominated by storage rounding (METRICS.md §0)
+//! - `n_nan`, `n_inf` per checkpoint. Any NaN/Inf makes the sums (and so the metrics) NaN: a metric
+//!   is never reported on a silently filtered tensor.
+//!
+//! One pass over the data: O(k·numel) flops, all sums in f64. Accumulators merge by addition, so
+//! chunks can be processed in any order and merged in chunk order (deterministic).
+
+use serde::Serialize;
+
+use super::kernels::{count_nonfinite, diff_sq_eq, step_dot, sum_sq};
+
+/// Partial sums for one tensor over `n` checkpoints (index 0 is the base).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DriftAcc {
+    n: usize,
+    /// Σ W_t² per checkpoint.
+    sq: Vec<f64>,
+    /// Σ (W_t − W₀)², index t ≥ 1.
+    delta_sq: Vec<f64>,
+    /// Σ (W_t − W_{t−1})², index t ≥ 1 (t = 1 equals delta_sq[1]).
+    step_sq: Vec<f64>,
+    /// Σ δ_t·δ_{t+1}, index t in 1..k.
+    step_dot: Vec<f64>,
+    /// #{W_t = W₀}, index t ≥ 1.
+    unchanged: Vec<u64>,
+    nan: Vec<u64>,
+    inf: Vec<u64>,
+    numel: u64,
+}
+
+impl DriftAcc {
+    /// Empty accumulator for `n ≥ 2` checkpoints.
+    pub fn new(n: usize) -> Self {
+        assert!(n >= 2, "a trajectory needs a base and at least one checkpoint");
+        DriftAcc {
+            n,
+            sq: vec![0.0; n],
+            delta_sq: vec![0.0; n],
+            step_sq: vec![0.0; n],
+            step_dot: vec![0.0; n],
+            unchanged: vec![0; n],
+            nan: vec![0; n],
+            inf: vec![0; n],
+            numel: 0,
+        }
+    }
+
+    /// Add one block: `w[t]` holds the same elements of checkpoint t (all the same length).
+    pub fn update(&mut self, w: &[&[f32]]) {
+        debug_assert_eq!(w.len(), self.n);
+        let len = w[0].len();
+        debug_assert!(w.iter().all(|x| x.len() == len));
+        for (t, wt) in w.iter().enumerate() {
+            let s = sum_sq(wt);
+            if !s.is_finite() {
+                let (nan, inf) = count_nonfinite(wt);
+                self.nan[t] += nan;
+                self.inf[t] += inf;
+            }
+            self.sq[t] += s;
+        }
+        for t in 1..self.n {
+            let (d, eq) = diff_sq_eq(w[0], w[t]);
+            self.delta_sq[t] += d;
+            self.unchanged[t] += eq;
+            self.step_sq[t] += if t == 1 { d } else { diff_sq_eq(w[t - 1], w[t]).0 };
+            if t + 1 < self.n {
+                self.step_dot[t] += step_dot(w[t - 1], w[t], w[t + 1]);
+            }
+        }
+        self.numel += len as u64;
+    }
+
+    /// Add another accumulator over disjoint elements.
+    pub fn merge(&mut self, o: &DriftAcc) {
+        debug_assert_eq!(self.n, o.n);
+        let add = |a: &mut Vec<f64>, b: &Vec<f64>| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        let addu = |a: &mut Vec<u64>, b: &Vec<u64>| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        add(&mut self.sq, &o.sq);
+        add(&mut self.delta_sq, &o.delta_sq);
+        add(&mut self.step_sq, &o.step_sq);
+        add(&mut self.step_dot, &o.step_dot);
+        addu(&mut self.unchanged, &o.unchanged);
+        addu(&mut self.nan, &o.nan);
+        addu(&mut self.inf, &o.inf);
+        self.numel += o.numel;
+    }
+
+    /// Elements accumulated so far.
+    pub fn numel(&self) -> u64 {
+        self.numel
+    }
+
+    /// Base-checkpoint statistics.
+    pub fn base(&self) -> BaseStats {
+        BaseStats { norm: self.sq[0].sqrt(), n_nan: self.nan[0], n_inf: self.inf[0] }
+    }
+
+    /// Metrics for checkpoints 1..n.
+    pub fn finish(&self) -> Vec<StepMetrics> {
+        let norm0 = self.sq[0].sqrt();
+        let mut path = 0.0f64;
+        let steps: Vec<f64> = (0..self.n).map(|t| self.step_sq[t].sqrt()).collect();
+        (1..self.n)
+            .map(|t| {
+                let norm = self.sq[t].sqrt();
+                let d = self.delta_sq[t].sqrt();
+                path += steps[t];
+                let one_minus_cos = if norm0 > 0.0 && norm > 0.0 {
+                    let gap = norm - norm0;
+                    ((self.delta_sq[t] - gap * gap) / (2.0 * norm0 * norm)).clamp(0.0, 2.0)
+                } else {
+                    f64::NAN
+                };
+                let step_cos = if t + 1 < self.n && steps[t] > 0.0 && steps[t + 1] > 0.0 {
+                    (self.step_dot[t] / (steps[t] * steps[t + 1])).clamp(-1.0, 1.0)
+                } else {
+                    f64::NAN
+                };
+                StepMetrics {
+                    norm,
+                    fro_delta: d,
+                    rel_delta: if norm0 > 0.0 { d / norm0 } else { f64::NAN },
+                    one_minus_cos,
+                    step_drift: steps[t],
+                    path_length: path,
+                    straightness: if path > 0.0 { (d / path).min(1.0) } else { f64::NAN },
+                    step_cos,
+                    frac_unchanged: if self.numel > 0 {
+                        self.unchanged[t] as f64 / self.numel as f64
+                    } else {
+                        f64::NAN
+                    },
+                    n_nan: self.nan[t],
+                    n_inf: self.inf[t],
+                }
+            })
+            .collect()
+    }
+}
+
+/// Statistics of the base checkpoint's tensor.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct BaseStats {
+    /// ‖W₀‖_F.
+    pub norm: f64,
+    /// NaN count.
+    pub n_nan: u64,
+    /// ±Inf count.
+    pub n_inf: u64,
+}
+
+/// Metrics of one tensor at one checkpoint t ≥ 1 (see the module docs for definitions).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct StepMetrics {
+    /// ‖W_t‖_F.
+    pub norm: f64,
+    /// ‖W_t − W₀‖_F.
+    pub fro_delta: f64,
+    /// ‖W_t − W₀‖_F / ‖W₀‖_F.
+    pub rel_delta: f64,
+    /// 1 − cos(W₀, W_t).
+    pub one_minus_cos: f64,
+    /// ‖W_t − W_{t−1}‖_F.
+    pub step_drift: f64,
+    /// Σ_{τ≤t} step_drift.
+    pub path_length: f64,
+    /// fro_delta / path_length.
+    pub straightness: f64,
+    /// cos(δ_t, δ_{t+1}).
+    pub step_cos: f64,
+    /// Fraction of elements equal to the base.
+    pub frac_unchanged: f64,
+    /// NaN count in W_t.
+    pub n_nan: u64,
+    /// ±Inf count in W_t.
+    pub n_inf: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_values() {
+        let w0 = [1.0f32, 0.0, 0.0, 0.0];
+        let w1 = [1.0f32, 1.0, 0.0, 0.0];
+        let w2 = [1.0f32, 1.0, 1.0, 0.0];
+        let mut a = DriftAcc::new(3);
+        a.update(&[&w0, &w1, &w2]);
+        let m = a.finish();
+        assert_eq!(m[0].fro_delta, 1.0);
+        assert!((m[1].fro_delta - 2f64.sqrt()).abs() < 1e-15);
+        assert_eq!(m[1].path_length, 2.0);
+        assert!((m[1].straightness - 2f64.sqrt() / 2.0).abs() < 1e-15);
+        assert!((m[0].one_minus_cos - (1.0 - 1.0 / 2f64.sqrt())).abs() < 1e-15);
+        assert_eq!(m[0].step_cos, 0.0);
+        assert!(m[1].step_cos.is_nan());
+        assert_eq!(m[0].frac_unchanged, 0.75);
+    }
+
+    #[test]
+    fn merge_equals_whole() {
+        let w: Vec<Vec<f32>> = (0..3).map(|t| (0..100).map(|i| (i * (t + 1)) as f32 * 0.01).collect()).collect();
+        let mut whole = DriftAcc::new(3);
+        whole.update(&[&w[0], &w[1], &w[2]]);
+        let mut a = DriftAcc::new(3);
+        a.update(&[&w[0][..37], &w[1][..37], &w[2][..37]]);
+        let mut b = DriftAcc::new(3);
+        b.update(&[&w[0][37..], &w[1][37..], &w[2][37..]]);
+        a.merge(&b);
+        for (x, y) in a.finish().iter().zip(whole.finish()) {
+            assert!((x.fro_delta - y.fro_delta).abs() <= 1e-12 * y.fro_delta);
+        }
+    }
+
+    #[test]
+    fn nan_is_counted_and_propagates() {
+        let w0 = [1.0f32, 2.0];
+        let w1 = [f32::NAN, f32::INFINITY];
+        let mut a = DriftAcc::new(2);
+        a.update(&[&w0, &w1]);
+        let m = a.finish()[0];
+        assert_eq!((m.n_nan, m.n_inf), (1, 1));
+        assert!(m.fro_delta.is_nan());
+    }
+}

@@ -1,0 +1,4 @@
+//! Stage 3: pure kernels and streaming accumulators (update / merge / finish).
+
+pub mod drift;
+pub(crate) mod kernels;
