@@ -127,7 +127,9 @@ impl Dtype {
         match self {
             Dtype::F4 => 4,
             Dtype::F6E2M3 | Dtype::F6E3M2 => 6,
-            Dtype::Bool | Dtype::U8 | Dtype::I8 | Dtype::F8E4M3 | Dtype::F8E5M2 | Dtype::F8E8M0 => 8,
+            Dtype::Bool | Dtype::U8 | Dtype::I8 | Dtype::F8E4M3 | Dtype::F8E5M2 | Dtype::F8E8M0 => {
+                8
+            }
             Dtype::U16 | Dtype::I16 | Dtype::F16 | Dtype::BF16 => 16,
             Dtype::U32 | Dtype::I32 | Dtype::F32 => 32,
             Dtype::U64 | Dtype::I64 | Dtype::F64 | Dtype::C64 => 64,
@@ -271,7 +273,11 @@ pub fn e8m0_to_f32(s: u8) -> f32 {
 /// Decode MXFP4 elements. `blocks` holds packed E2M1 codes (low nibble = even element), `scales`
 /// one E8M0 byte per 32 elements; `out.len()` must be a multiple of 32 and match both slices.
 pub fn decode_mxfp4(blocks: &[u8], scales: &[u8], out: &mut [f32]) {
-    for ((o, b), &s) in out.chunks_exact_mut(32).zip(blocks.chunks_exact(16)).zip(scales) {
+    for ((o, b), &s) in out
+        .chunks_exact_mut(32)
+        .zip(blocks.chunks_exact(16))
+        .zip(scales)
+    {
         let scale = e8m0_to_f32(s);
         for (pair, &byte) in o.chunks_exact_mut(2).zip(b) {
             pair[0] = E2M1_VALUES[(byte & 0x0f) as usize] * scale;

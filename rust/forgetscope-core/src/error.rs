@@ -166,13 +166,19 @@ impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         let path = path.into();
         if source.kind() == std::io::ErrorKind::NotFound {
-            return Error::NotFound { path, hint: String::new() };
+            return Error::NotFound {
+                path,
+                hint: String::new(),
+            };
         }
         Error::Io { path, source }
     }
 
     pub(crate) fn header(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Error::Header { path: path.into(), reason: reason.into() }
+        Error::Header {
+            path: path.into(),
+            reason: reason.into(),
+        }
     }
 
     pub(crate) fn tensor(
@@ -180,6 +186,10 @@ impl Error {
         name: impl Into<String>,
         reason: impl Into<String>,
     ) -> Self {
-        Error::Tensor { path: path.into(), name: name.into(), reason: reason.into() }
+        Error::Tensor {
+            path: path.into(),
+            name: name.into(),
+            reason: reason.into(),
+        }
     }
 }

@@ -144,10 +144,11 @@ pub fn inspect_meta_json(c: &crate::source::Checkpoint) -> String {
             serde_json::json!({"kind": "sharded", "index": index.display().to_string()})
         }
     };
-    let formats: std::collections::BTreeMap<String, usize> = c.tensors.iter().fold(Default::default(), |mut m, t| {
-        *m.entry(t.format()).or_default() += 1;
-        m
-    });
+    let formats: std::collections::BTreeMap<String, usize> =
+        c.tensors.iter().fold(Default::default(), |mut m, t| {
+            *m.entry(t.format()).or_default() += 1;
+            m
+        });
     serde_json::json!({
         "schema_version": SCHEMA_VERSION,
         "path": c.path.display().to_string(),

@@ -75,7 +75,8 @@ pub fn trajectory_table(r: &TrajectoryReport) -> Table {
             n_inf.push(s.n_inf as i64);
         }
     }
-    let [norm, fro_delta, rel_delta, one_minus_cos, step_drift, path_length, straightness, step_cos, frac_unchanged] = f;
+    let [norm, fro_delta, rel_delta, one_minus_cos, step_drift, path_length, straightness, step_cos, frac_unchanged] =
+        f;
     vec![
         ("tensor", Column::Str(tensor)),
         ("checkpoint", Column::I64(ckpt)),

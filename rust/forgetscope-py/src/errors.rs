@@ -27,7 +27,9 @@ pub(crate) fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
         | Error::Changed { path, .. } => (Some(path.display().to_string()), None),
         Error::Tensor { path, name, .. }
         | Error::Unsupported { path, name, .. }
-        | Error::TensorNotFound { path, name } => (Some(path.display().to_string()), Some(name.clone())),
+        | Error::TensorNotFound { path, name } => {
+            (Some(path.display().to_string()), Some(name.clone()))
+        }
         _ => (None, None),
     };
     let message = e.to_string();

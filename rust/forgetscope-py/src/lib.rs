@@ -29,8 +29,16 @@ fn trajectory<'py>(
     allow_external_symlinks: bool,
     progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<(Bound<'py, PyAny>, String)> {
-    let opts = RunOptions { threads, memory_budget, open: OpenOptions { allow_external_symlinks } };
-    let report = run_detached(py, progress.as_ref(), move |control| core::trajectory(&paths, &opts, control))?;
+    let opts = RunOptions {
+        threads,
+        memory_budget,
+        open: OpenOptions {
+            allow_external_symlinks,
+        },
+    };
+    let report = run_detached(py, progress.as_ref(), move |control| {
+        core::trajectory(&paths, &opts, control)
+    })?;
     let table = core::table::trajectory_table(&report);
     Ok((table_to_dict(py, table)?, report.meta_json()))
 }
@@ -38,11 +46,20 @@ fn trajectory<'py>(
 /// Open and validate a checkpoint; returns `(columns, meta_json)` listing every stored tensor.
 #[pyfunction]
 #[pyo3(signature = (path, *, allow_external_symlinks=false))]
-fn inspect<'py>(py: Python<'py>, path: PathBuf, allow_external_symlinks: bool) -> PyResult<(Bound<'py, PyAny>, String)> {
-    let opts = OpenOptions { allow_external_symlinks };
+fn inspect<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    allow_external_symlinks: bool,
+) -> PyResult<(Bound<'py, PyAny>, String)> {
+    let opts = OpenOptions {
+        allow_external_symlinks,
+    };
     let ckpt = run_detached(py, None, move |_| core::inspect(&path, &opts))?;
     let table = core::table::inspect_table(&ckpt);
-    Ok((table_to_dict(py, table)?, core::results::inspect_meta_json(&ckpt)))
+    Ok((
+        table_to_dict(py, table)?,
+        core::results::inspect_meta_json(&ckpt),
+    ))
 }
 
 /// Decode one tensor to a float32 array of its logical shape.
@@ -55,8 +72,12 @@ fn read_tensor<'py>(
     allow_external_symlinks: bool,
     max_bytes: u64,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let opts = OpenOptions { allow_external_symlinks };
-    let (shape, data) = run_detached(py, None, move |_| core::read_tensor(&path, &name, &opts, max_bytes))?;
+    let opts = OpenOptions {
+        allow_external_symlinks,
+    };
+    let (shape, data) = run_detached(py, None, move |_| {
+        core::read_tensor(&path, &name, &opts, max_bytes)
+    })?;
     let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
     let arr = PyArray1::from_vec(py, data);
     Ok(arr.reshape(shape)?.into_any())
@@ -70,7 +91,9 @@ fn fp8_table<'py>(py: Python<'py>, dtype: &str) -> PyResult<Bound<'py, PyArray1<
         _ => {
             return Err(to_pyerr(
                 py,
-                core::Error::Config { reason: format!("fp8_table takes F8_E4M3 or F8_E5M2, not {dtype:?}") },
+                core::Error::Config {
+                    reason: format!("fp8_table takes F8_E4M3 or F8_E5M2, not {dtype:?}"),
+                },
             ))
         }
     };

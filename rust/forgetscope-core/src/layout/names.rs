@@ -18,7 +18,14 @@ pub struct NameInfo {
 }
 
 const LAYER_CONTAINERS: [&str; 5] = ["layers", "layer", "h", "blocks", "block"];
-const PARAM_SUFFIXES: [&str; 6] = ["weight", "bias", "e_score_correction_bias", "sinks", "scale", "g"];
+const PARAM_SUFFIXES: [&str; 6] = [
+    "weight",
+    "bias",
+    "e_score_correction_bias",
+    "sinks",
+    "scale",
+    "g",
+];
 
 /// Parse a tensor name.
 pub fn parse_name(name: &str) -> NameInfo {
@@ -49,30 +56,52 @@ pub fn parse_name(name: &str) -> NameInfo {
     let lower = name.to_ascii_lowercase();
     let has = |s: &str| parts.contains(&s);
     let comp = component.as_str();
-    let kind = if lower.contains("embed") || comp == "wte" || comp == "wpe" || comp == "word_embeddings" {
-        "embedding"
-    } else if comp == "lm_head" || comp == "output" && layer.is_none() {
-        "lm_head"
-    } else if comp.contains("norm") || comp.starts_with("ln") {
-        "norm"
-    } else if has("shared_expert") || has("shared_experts") {
-        if comp == "shared_expert_gate" {
+    let kind =
+        if lower.contains("embed") || comp == "wte" || comp == "wpe" || comp == "word_embeddings" {
+            "embedding"
+        } else if comp == "lm_head" || comp == "output" && layer.is_none() {
+            "lm_head"
+        } else if comp.contains("norm") || comp.starts_with("ln") {
+            "norm"
+        } else if has("shared_expert") || has("shared_experts") {
+            if comp == "shared_expert_gate" {
+                "router"
+            } else {
+                "shared_expert"
+            }
+        } else if comp == "shared_expert_gate"
+            || comp == "router"
+            || (comp == "gate" && (has("mlp") || has("block_sparse_moe") || has("feed_forward")))
+        {
             "router"
+        } else if has("experts") {
+            "expert"
+        } else if has("self_attn")
+            || has("attn")
+            || has("attention")
+            || comp.ends_with("_proj")
+                && (comp.starts_with('q')
+                    || comp.starts_with('k')
+                    || comp.starts_with("o_")
+                    || comp.starts_with("v_"))
+        {
+            "attention"
+        } else if has("mlp")
+            || has("feed_forward")
+            || has("ffn")
+            || has("block_sparse_moe")
+            || has("intermediate")
+        {
+            "mlp"
         } else {
-            "shared_expert"
-        }
-    } else if comp == "shared_expert_gate" || comp == "router" || (comp == "gate" && (has("mlp") || has("block_sparse_moe") || has("feed_forward"))) {
-        "router"
-    } else if has("experts") {
-        "expert"
-    } else if has("self_attn") || has("attn") || has("attention") || comp.ends_with("_proj") && (comp.starts_with('q') || comp.starts_with('k') || comp.starts_with("o_") || comp.starts_with("v_")) {
-        "attention"
-    } else if has("mlp") || has("feed_forward") || has("ffn") || has("block_sparse_moe") || has("intermediate") {
-        "mlp"
-    } else {
-        "other"
-    };
-    NameInfo { layer, expert, kind, component }
+            "other"
+        };
+    NameInfo {
+        layer,
+        expert,
+        kind,
+        component,
+    }
 }
 
 #[cfg(test)]
@@ -86,21 +115,63 @@ mod tests {
 
     #[test]
     fn families() {
-        assert_eq!(k("model.layers.3.self_attn.q_proj.weight"), (Some(3), None, "attention", "q_proj".into()));
-        assert_eq!(k("model.layers.1.block_sparse_moe.experts.7.w2.weight"), (Some(1), Some(7), "expert", "w2".into()));
-        assert_eq!(k("model.layers.1.block_sparse_moe.gate.weight"), (Some(1), None, "router", "gate".into()));
-        assert_eq!(k("model.layers.2.mlp.gate.e_score_correction_bias"), (Some(2), None, "router", "gate".into()));
-        assert_eq!(k("model.layers.0.mlp.gate_proj.weight"), (Some(0), None, "mlp", "gate_proj".into()));
-        assert_eq!(k("model.layers.4.mlp.shared_experts.down_proj.weight"), (Some(4), None, "shared_expert", "down_proj".into()));
-        assert_eq!(k("model.layers.4.mlp.shared_expert_gate.weight"), (Some(4), None, "router", "shared_expert_gate".into()));
-        assert_eq!(k("model.layers.0.mlp.experts.gate_up_proj_blocks"), (Some(0), None, "expert", "gate_up_proj_blocks".into()));
-        assert_eq!(k("model.layers.0.mlp.experts.gate_up_proj"), (Some(0), None, "expert", "gate_up_proj".into()));
-        assert_eq!(k("model.layers.0.mlp.router.weight"), (Some(0), None, "router", "router".into()));
-        assert_eq!(k("model.embed_tokens.weight"), (None, None, "embedding", "embed_tokens".into()));
-        assert_eq!(k("lm_head.weight"), (None, None, "lm_head", "lm_head".into()));
+        assert_eq!(
+            k("model.layers.3.self_attn.q_proj.weight"),
+            (Some(3), None, "attention", "q_proj".into())
+        );
+        assert_eq!(
+            k("model.layers.1.block_sparse_moe.experts.7.w2.weight"),
+            (Some(1), Some(7), "expert", "w2".into())
+        );
+        assert_eq!(
+            k("model.layers.1.block_sparse_moe.gate.weight"),
+            (Some(1), None, "router", "gate".into())
+        );
+        assert_eq!(
+            k("model.layers.2.mlp.gate.e_score_correction_bias"),
+            (Some(2), None, "router", "gate".into())
+        );
+        assert_eq!(
+            k("model.layers.0.mlp.gate_proj.weight"),
+            (Some(0), None, "mlp", "gate_proj".into())
+        );
+        assert_eq!(
+            k("model.layers.4.mlp.shared_experts.down_proj.weight"),
+            (Some(4), None, "shared_expert", "down_proj".into())
+        );
+        assert_eq!(
+            k("model.layers.4.mlp.shared_expert_gate.weight"),
+            (Some(4), None, "router", "shared_expert_gate".into())
+        );
+        assert_eq!(
+            k("model.layers.0.mlp.experts.gate_up_proj_blocks"),
+            (Some(0), None, "expert", "gate_up_proj_blocks".into())
+        );
+        assert_eq!(
+            k("model.layers.0.mlp.experts.gate_up_proj"),
+            (Some(0), None, "expert", "gate_up_proj".into())
+        );
+        assert_eq!(
+            k("model.layers.0.mlp.router.weight"),
+            (Some(0), None, "router", "router".into())
+        );
+        assert_eq!(
+            k("model.embed_tokens.weight"),
+            (None, None, "embedding", "embed_tokens".into())
+        );
+        assert_eq!(
+            k("lm_head.weight"),
+            (None, None, "lm_head", "lm_head".into())
+        );
         assert_eq!(k("model.norm.weight"), (None, None, "norm", "norm".into()));
-        assert_eq!(k("model.layers.0.input_layernorm.weight"), (Some(0), None, "norm", "input_layernorm".into()));
+        assert_eq!(
+            k("model.layers.0.input_layernorm.weight"),
+            (Some(0), None, "norm", "input_layernorm".into())
+        );
         assert_eq!(k("encoder.layer.5.attention.self.query.weight").0, Some(5));
-        assert_eq!(k("encoder.layer.5.attention.self.query.weight").2, "attention");
+        assert_eq!(
+            k("encoder.layer.5.attention.self.query.weight").2,
+            "attention"
+        );
     }
 }

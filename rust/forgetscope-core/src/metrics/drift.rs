@@ -44,7 +44,10 @@ pub struct DriftAcc {
 impl DriftAcc {
     /// Empty accumulator for `n ≥ 2` checkpoints.
     pub fn new(n: usize) -> Self {
-        assert!(n >= 2, "a trajectory needs a base and at least one checkpoint");
+        assert!(
+            n >= 2,
+            "a trajectory needs a base and at least one checkpoint"
+        );
         DriftAcc {
             n,
             sq: vec![0.0; n],
@@ -76,7 +79,11 @@ impl DriftAcc {
             let (d, eq) = diff_sq_eq(w[0], w[t]);
             self.delta_sq[t] += d;
             self.unchanged[t] += eq;
-            self.step_sq[t] += if t == 1 { d } else { diff_sq_eq(w[t - 1], w[t]).0 };
+            self.step_sq[t] += if t == 1 {
+                d
+            } else {
+                diff_sq_eq(w[t - 1], w[t]).0
+            };
             if t + 1 < self.n {
                 self.step_dot[t] += step_dot(w[t - 1], w[t], w[t + 1]);
             }
@@ -106,7 +113,11 @@ impl DriftAcc {
 
     /// Base-checkpoint statistics.
     pub fn base(&self) -> BaseStats {
-        BaseStats { norm: self.sq[0].sqrt(), n_nan: self.nan[0], n_inf: self.inf[0] }
+        BaseStats {
+            norm: self.sq[0].sqrt(),
+            n_nan: self.nan[0],
+            n_inf: self.inf[0],
+        }
     }
 
     /// Metrics for checkpoints 1..n.
@@ -137,7 +148,11 @@ impl DriftAcc {
                     one_minus_cos,
                     step_drift: steps[t],
                     path_length: path,
-                    straightness: if path > 0.0 { (d / path).min(1.0) } else { f64::NAN },
+                    straightness: if path > 0.0 {
+                        (d / path).min(1.0)
+                    } else {
+                        f64::NAN
+                    },
                     step_cos,
                     frac_unchanged: if self.numel > 0 {
                         self.unchanged[t] as f64 / self.numel as f64
@@ -214,7 +229,9 @@ mod tests {
 
     #[test]
     fn merge_equals_whole() {
-        let w: Vec<Vec<f32>> = (0..3).map(|t| (0..100).map(|i| (i * (t + 1)) as f32 * 0.01).collect()).collect();
+        let w: Vec<Vec<f32>> = (0..3)
+            .map(|t| (0..100).map(|i| (i * (t + 1)) as f32 * 0.01).collect())
+            .collect();
         let mut whole = DriftAcc::new(3);
         whole.update(&[&w[0], &w[1], &w[2]]);
         let mut a = DriftAcc::new(3);

@@ -96,7 +96,13 @@ fn step_dot_body(a: &[f32], b: &[f32], c: &[f32]) -> f64 {
             acc[j] += (y - x) * (z - y);
         }
     }
-    for (j, ((&x, &y), &z)) in ia.remainder().iter().zip(ib.remainder()).zip(ic.remainder()).enumerate() {
+    for (j, ((&x, &y), &z)) in ia
+        .remainder()
+        .iter()
+        .zip(ib.remainder())
+        .zip(ic.remainder())
+        .enumerate()
+    {
         let (x, y, z) = (x as f64, y as f64, z as f64);
         acc[j] += (y - x) * (z - y);
     }
@@ -125,13 +131,25 @@ mod tests {
 
     #[test]
     fn generic_matches_dispatched_bitwise() {
-        let a: Vec<f32> = (0..1003).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
-        let b: Vec<f32> = a.iter().enumerate().map(|(i, x)| x + (i % 3) as f32 * 1e-4).collect();
+        let a: Vec<f32> = (0..1003)
+            .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+            .collect();
+        let b: Vec<f32> = a
+            .iter()
+            .enumerate()
+            .map(|(i, x)| x + (i % 3) as f32 * 1e-4)
+            .collect();
         let c: Vec<f32> = b.iter().map(|x| x * 1.001).collect();
         assert_eq!(sum_sq(&a).to_bits(), sum_sq_body(&a).to_bits());
-        assert_eq!(diff_sq_eq(&a, &b).0.to_bits(), diff_sq_eq_body(&a, &b).0.to_bits());
+        assert_eq!(
+            diff_sq_eq(&a, &b).0.to_bits(),
+            diff_sq_eq_body(&a, &b).0.to_bits()
+        );
         assert_eq!(diff_sq_eq(&a, &b).1, 1003 / 3 + 1);
-        assert_eq!(step_dot(&a, &b, &c).to_bits(), step_dot_body(&a, &b, &c).to_bits());
+        assert_eq!(
+            step_dot(&a, &b, &c).to_bits(),
+            step_dot_body(&a, &b, &c).to_bits()
+        );
         let naive: f64 = a.iter().map(|&x| x as f64 * x as f64).sum();
         assert!((sum_sq(&a) - naive).abs() < 1e-12 * naive);
     }

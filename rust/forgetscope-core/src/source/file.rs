@@ -71,7 +71,10 @@ fn file_kind(ft: std::fs::FileType) -> Option<&'static str> {
 pub fn open_regular(path: &Path) -> Result<(File, FileIdentity)> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if let Some(kind) = file_kind(meta.file_type()) {
-        return Err(Error::NotRegularFile { path: path.to_path_buf(), kind });
+        return Err(Error::NotRegularFile {
+            path: path.to_path_buf(),
+            kind,
+        });
     }
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -80,7 +83,10 @@ pub fn open_regular(path: &Path) -> Result<(File, FileIdentity)> {
         .map_err(|e| Error::io(path, e))?;
     let meta = file.metadata().map_err(|e| Error::io(path, e))?;
     if let Some(kind) = file_kind(meta.file_type()) {
-        return Err(Error::NotRegularFile { path: path.to_path_buf(), kind });
+        return Err(Error::NotRegularFile {
+            path: path.to_path_buf(),
+            kind,
+        });
     }
     advise_sequential(&file);
     Ok((file, FileIdentity::of(&meta)))
@@ -152,7 +158,10 @@ unsafe impl Sync for AlignedBuf {}
 impl AlignedBuf {
     /// An empty buffer (no allocation).
     pub fn new() -> Self {
-        AlignedBuf { ptr: std::ptr::null_mut(), cap: 0 }
+        AlignedBuf {
+            ptr: std::ptr::null_mut(),
+            cap: 0,
+        }
     }
 
     /// Make room for `len` bytes (rounded up to whole pages); keeps the allocation when large enough.

@@ -63,7 +63,10 @@ pub fn read_header(file: &File, path: &Path, id: FileIdentity) -> Result<Header>
     let head = &head[..n_head];
     let explain = |reason: String| -> Error {
         match foreign_format(head, file_len) {
-            Some(what) => Error::ForeignFormat { path: path.to_path_buf(), what },
+            Some(what) => Error::ForeignFormat {
+                path: path.to_path_buf(),
+                what,
+            },
             None => Error::header(path, reason),
         }
     };
@@ -84,7 +87,9 @@ pub fn read_header(file: &File, path: &Path, id: FileIdentity) -> Result<Header>
         )));
     }
     if n < 2 {
-        return Err(explain(format!("declared header length {n} is too short for a JSON object")));
+        return Err(explain(format!(
+            "declared header length {n} is too short for a JSON object"
+        )));
     }
     if head.len() > 8 && head[8] != b'{' {
         return Err(explain("header does not start with '{'".into()));
@@ -92,7 +97,13 @@ pub fn read_header(file: &File, path: &Path, id: FileIdentity) -> Result<Header>
     let mut buf = vec![0u8; n as usize];
     read_exact_at(file, path, &mut buf, 8)?;
     let text = std::str::from_utf8(&buf).map_err(|e| {
-        Error::header(path, format!("header is not valid UTF-8 (at byte {})", 8 + e.valid_up_to()))
+        Error::header(
+            path,
+            format!(
+                "header is not valid UTF-8 (at byte {})",
+                8 + e.valid_up_to()
+            ),
+        )
     })?;
     let parsed = parse_json(text).map_err(|e| Error::header(path, e))?;
     validate(path, parsed, 8 + n, file_len)
@@ -113,9 +124,12 @@ struct Entry {
 
 fn parse_json(text: &str) -> std::result::Result<ParsedHeader, String> {
     let mut de = serde_json::Deserializer::from_str(text);
-    let parsed = HeaderSeed.deserialize(&mut de).map_err(|e| format!("{e}"))?;
+    let parsed = HeaderSeed
+        .deserialize(&mut de)
+        .map_err(|e| format!("{e}"))?;
     // Trailing bytes: the reference pads with spaces; anything else is an error.
-    de.end().map_err(|e| format!("unexpected data after the JSON object: {e}"))?;
+    de.end()
+        .map_err(|e| format!("unexpected data after the JSON object: {e}"))?;
     Ok(parsed)
 }
 
@@ -123,7 +137,10 @@ struct HeaderSeed;
 
 impl<'de> DeserializeSeed<'de> for HeaderSeed {
     type Value = ParsedHeader;
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> std::result::Result<Self::Value, D::Error> {
+    fn deserialize<D: de::Deserializer<'de>>(
+        self,
+        d: D,
+    ) -> std::result::Result<Self::Value, D::Error> {
         d.deserialize_map(HeaderVisitor)
     }
 }
@@ -137,7 +154,10 @@ impl<'de> Visitor<'de> for HeaderVisitor {
         f.write_str("a JSON object mapping tensor names to {dtype, shape, data_offsets}")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
         let mut entries = Vec::new();
         let mut seen = HashSet::new();
         let mut metadata = None;
@@ -157,7 +177,10 @@ impl<'de> Visitor<'de> for HeaderVisitor {
                 .map_err(|e| de::Error::custom(format!("tensor {key:?}: {e}")))?;
             entries.push((key, entry));
         }
-        Ok(ParsedHeader { entries, metadata: metadata.unwrap_or_default() })
+        Ok(ParsedHeader {
+            entries,
+            metadata: metadata.unwrap_or_default(),
+        })
     }
 }
 
@@ -166,14 +189,20 @@ struct StringMapSeed;
 
 impl<'de> DeserializeSeed<'de> for StringMapSeed {
     type Value = Vec<(String, String)>;
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> std::result::Result<Self::Value, D::Error> {
+    fn deserialize<D: de::Deserializer<'de>>(
+        self,
+        d: D,
+    ) -> std::result::Result<Self::Value, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
             type Value = Vec<(String, String)>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("\"__metadata__\" as an object of string values")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
                 let mut out = Vec::new();
                 let mut seen = HashSet::new();
                 while let Some(k) = map.next_key::<String>()? {
@@ -185,9 +214,14 @@ impl<'de> DeserializeSeed<'de> for StringMapSeed {
                 }
                 Ok(out)
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Self::Value, A::Error> {
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
                 while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Err(de::Error::custom("\"__metadata__\" must be an object, found an array"))
+                Err(de::Error::custom(
+                    "\"__metadata__\" must be an object, found an array",
+                ))
             }
         }
         d.deserialize_map(V)
@@ -216,10 +250,18 @@ fn validate(path: &Path, parsed: ParsedHeader, data_start: u64, file_len: u64) -
         let dtype = Dtype::parse(&e.dtype)
             .ok_or_else(|| Error::tensor(path, &name, format!("unknown dtype {:?}", e.dtype)))?;
         let numel = checked_numel(&e.shape).ok_or_else(|| {
-            Error::tensor(path, &name, format!("shape {:?} overflows the element count", e.shape))
+            Error::tensor(
+                path,
+                &name,
+                format!("shape {:?} overflows the element count", e.shape),
+            )
         })?;
         let bits = numel.checked_mul(dtype.bits()).ok_or_else(|| {
-            Error::tensor(path, &name, format!("shape {:?} × {dtype} overflows the byte size", e.shape))
+            Error::tensor(
+                path,
+                &name,
+                format!("shape {:?} × {dtype} overflows the byte size", e.shape),
+            )
         })?;
         if bits % 8 != 0 {
             return Err(Error::tensor(
@@ -231,7 +273,11 @@ fn validate(path: &Path, parsed: ParsedHeader, data_start: u64, file_len: u64) -
         let nbytes = bits / 8;
         let (begin, end) = e.data_offsets;
         if begin > end {
-            return Err(Error::tensor(path, &name, format!("data_offsets [{begin}, {end}] are reversed")));
+            return Err(Error::tensor(
+                path,
+                &name,
+                format!("data_offsets [{begin}, {end}] are reversed"),
+            ));
         }
         if end > data_len {
             return Err(Error::tensor(
@@ -270,14 +316,21 @@ fn validate(path: &Path, parsed: ParsedHeader, data_start: u64, file_len: u64) -
             return Err(Error::tensor(
                 path,
                 &t.name,
-                format!("overlaps the previous tensor (starts at data byte {}, previous ends at {})", t.offset - data_start, cursor - data_start),
+                format!(
+                    "overlaps the previous tensor (starts at data byte {}, previous ends at {})",
+                    t.offset - data_start,
+                    cursor - data_start
+                ),
             ));
         }
         if t.offset > cursor {
             return Err(Error::tensor(
                 path,
                 &t.name,
-                format!("leaves a hole of {} bytes before it in the data section", t.offset - cursor),
+                format!(
+                    "leaves a hole of {} bytes before it in the data section",
+                    t.offset - cursor
+                ),
             ));
         }
         cursor = t.offset + t.len;
@@ -293,7 +346,11 @@ fn validate(path: &Path, parsed: ParsedHeader, data_start: u64, file_len: u64) -
             ),
         ));
     }
-    Ok(Header { tensors, metadata: parsed.metadata, data_start })
+    Ok(Header {
+        tensors,
+        metadata: parsed.metadata,
+        data_start,
+    })
 }
 
 #[cfg(test)]

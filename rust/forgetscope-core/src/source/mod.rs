@@ -124,7 +124,10 @@ pub fn open_checkpoint(path: &Path, opts: &OpenOptions) -> Result<Checkpoint> {
                 return Err(Error::tensor(
                     p,
                     &t.name,
-                    format!("also stored in {}; each tensor must live in exactly one shard", resolved.shards[other as usize].display()),
+                    format!(
+                        "also stored in {}; each tensor must live in exactly one shard",
+                        resolved.shards[other as usize].display()
+                    ),
                 ));
             }
             seen.insert(t.name.clone(), i as u32);
@@ -137,7 +140,10 @@ pub fn open_checkpoint(path: &Path, opts: &OpenOptions) -> Result<Checkpoint> {
                 name: t.name,
             });
         }
-        shards.push(ShardFile { path: p.clone(), identity: id });
+        shards.push(ShardFile {
+            path: p.clone(),
+            identity: id,
+        });
     }
     if let Some(map) = &resolved.weight_map {
         let index = match &resolved.layout {
@@ -170,7 +176,10 @@ pub fn open_checkpoint(path: &Path, opts: &OpenOptions) -> Result<Checkpoint> {
                 Some(_) => {}
             }
         }
-        let unlisted = stored.iter().filter(|s| !listed.contains(s.name.as_str())).count();
+        let unlisted = stored
+            .iter()
+            .filter(|s| !listed.contains(s.name.as_str()))
+            .count();
         if unlisted > 0 {
             warnings.push(format!(
                 "{unlisted} tensor(s) stored in the shards are missing from the index weight_map; they are analysed anyway"
@@ -196,7 +205,11 @@ fn build_logical(
     shards: &[ShardFile],
     stored: Vec<Stored>,
 ) -> Result<(Vec<StoredEntry>, Vec<LogicalTensor>, Vec<Skipped>)> {
-    let by_name: HashMap<&str, usize> = stored.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
+    let by_name: HashMap<&str, usize> = stored
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.as_str(), i))
+        .collect();
     let mut role: Vec<(Role, Option<String>)> = vec![(Role::Tensor, None); stored.len()];
     let mut tensors = Vec::new();
     let mut skipped = Vec::new();
@@ -215,7 +228,10 @@ fn build_logical(
                             return Err(Error::tensor(
                                 path_of(&stored[b]),
                                 &stored[b].name,
-                                format!("has two scale companions: {:?} and {:?}", stored[prev].name, s.name),
+                                format!(
+                                    "has two scale companions: {:?} and {:?}",
+                                    stored[prev].name, s.name
+                                ),
                             ));
                         }
                         role[i] = (Role::Fp8Scale, Some(base.to_string()));
@@ -272,7 +288,10 @@ fn build_logical(
             DtypeClass::Integer => {
                 role[i].0 = Role::Skipped;
                 skipped.push(skip(match fp8_scale.get(&i) {
-                    Some(_) => format!("integer-quantised {} weight with a scale; not supported", s.dtype),
+                    Some(_) => format!(
+                        "integer-quantised {} weight with a scale; not supported",
+                        s.dtype
+                    ),
                     None => format!("{} tensor (integer or boolean); not a weight", s.dtype),
                 }));
                 if let Some(&sc) = fp8_scale.get(&i) {
@@ -281,7 +300,10 @@ fn build_logical(
             }
             DtypeClass::Unsupported => {
                 role[i].0 = Role::Skipped;
-                skipped.push(skip(format!("dtype {} cannot be decoded by this version", s.dtype)));
+                skipped.push(skip(format!(
+                    "dtype {} cannot be decoded by this version",
+                    s.dtype
+                )));
             }
         }
     }
@@ -295,7 +317,14 @@ fn build_logical(
 
 fn fp8_tensor(path: &Path, s: &Stored, sc: &Stored) -> Result<LogicalTensor> {
     if sc.dtype.class() != DtypeClass::Float {
-        return Err(Error::tensor(path, &sc.name, format!("scale of {:?} must be a float tensor, found {}", s.name, sc.dtype)));
+        return Err(Error::tensor(
+            path,
+            &sc.name,
+            format!(
+                "scale of {:?} must be a float tensor, found {}",
+                s.name, sc.dtype
+            ),
+        ));
     }
     let numel = s.len; // one byte per fp8 element
     let sc_numel = sc.len * 8 / sc.dtype.bits();
@@ -309,22 +338,44 @@ fn fp8_tensor(path: &Path, s: &Stored, sc: &Stored) -> Result<LogicalTensor> {
         } else if sshape.len() == 2 && sshape[0] > 0 && sshape[1] > 0 {
             let br = rows.div_ceil(sshape[0]);
             let bc = cols.div_ceil(sshape[1]);
-            if br == 0 || bc == 0 || rows.div_ceil(br) != sshape[0] || cols.div_ceil(bc) != sshape[1] {
+            if br == 0
+                || bc == 0
+                || rows.div_ceil(br) != sshape[0]
+                || cols.div_ceil(bc) != sshape[1]
+            {
                 return Err(Error::tensor(
                     path,
                     &sc.name,
-                    format!("scale shape {sshape:?} does not tile weight shape {:?}", s.shape),
+                    format!(
+                        "scale shape {sshape:?} does not tile weight shape {:?}",
+                        s.shape
+                    ),
                 ));
             }
-            Scale::Block { scale: sc.clone(), block_rows: br, block_cols: bc }
+            Scale::Block {
+                scale: sc.clone(),
+                block_rows: br,
+                block_cols: bc,
+            }
         } else {
-            return Err(Error::tensor(path, &sc.name, format!("scale shape {sshape:?} does not fit weight shape {:?}", s.shape)));
+            return Err(Error::tensor(
+                path,
+                &sc.name,
+                format!(
+                    "scale shape {sshape:?} does not fit weight shape {:?}",
+                    s.shape
+                ),
+            ));
         }
     } else {
         return Err(Error::tensor(
             path,
             &sc.name,
-            format!("scale shape {:?} for a {}-D fp8 tensor is not supported (only per-tensor scales)", sc.shape, s.shape.len()),
+            format!(
+                "scale shape {:?} for a {}-D fp8 tensor is not supported (only per-tensor scales)",
+                sc.shape,
+                s.shape.len()
+            ),
         ));
     };
     Ok(LogicalTensor {
@@ -336,7 +387,12 @@ fn fp8_tensor(path: &Path, s: &Stored, sc: &Stored) -> Result<LogicalTensor> {
     })
 }
 
-fn mxfp4_tensor(path: &Path, stem: String, blocks: &Stored, scales: &Stored) -> Result<LogicalTensor> {
+fn mxfp4_tensor(
+    path: &Path,
+    stem: String,
+    blocks: &Stored,
+    scales: &Stored,
+) -> Result<LogicalTensor> {
     let b = &blocks.shape;
     let ok = b.len() >= 2
         && b[b.len() - 1] == 16
@@ -355,12 +411,16 @@ fn mxfp4_tensor(path: &Path, stem: String, blocks: &Stored, scales: &Stored) -> 
     }
     let mut shape = b[..b.len() - 1].to_vec();
     let last = shape.last_mut().expect("len ≥ 1");
-    *last = last.checked_mul(32).ok_or_else(|| Error::tensor(path, &blocks.name, "MXFP4 shape overflows"))?;
+    *last = last
+        .checked_mul(32)
+        .ok_or_else(|| Error::tensor(path, &blocks.name, "MXFP4 shape overflows"))?;
     Ok(LogicalTensor {
         name: stem,
         numel: blocks.len * 2,
         shape,
         data: blocks.clone(),
-        encoding: Encoding::Mxfp4 { scales: scales.clone() },
+        encoding: Encoding::Mxfp4 {
+            scales: scales.clone(),
+        },
     })
 }

@@ -57,10 +57,20 @@ pub struct Resolved {
 pub fn resolve(path: &Path, allow_external_symlinks: bool) -> Result<Resolved> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_file() {
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if name.ends_with(".index.json") {
-            let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-            let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+            let dir = path
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."));
+            let dir = if dir.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                dir
+            };
             return resolve_index(path, path, &dir, allow_external_symlinks);
         }
         return Ok(Resolved {
@@ -97,7 +107,10 @@ pub fn resolve(path: &Path, allow_external_symlinks: bool) -> Result<Resolved> {
             indexes.push(entry.path());
         } else if name.ends_with(".safetensors") {
             files.push(entry.path());
-        } else if [".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack"].iter().any(|s| name.ends_with(s)) {
+        } else if [".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack"]
+            .iter()
+            .any(|s| name.ends_with(s))
+        {
             others.push(name);
         }
     }
@@ -146,7 +159,10 @@ fn hf_repo_snapshot(dir: &Path) -> Result<Option<PathBuf>> {
     let refs_main = dir.join("refs").join("main");
     if let Ok(text) = std::fs::read_to_string(&refs_main) {
         let rev = text.trim();
-        if rev.is_empty() || !is_plain_relative(Path::new(rev)) || Path::new(rev).components().count() != 1 {
+        if rev.is_empty()
+            || !is_plain_relative(Path::new(rev))
+            || Path::new(rev).components().count() != 1
+        {
             return Err(Error::UnsafePath {
                 path: refs_main,
                 reason: format!("refs/main holds {rev:?}, which is not a snapshot name"),
@@ -167,7 +183,12 @@ fn hf_repo_snapshot(dir: &Path) -> Result<Option<PathBuf>> {
     }
 }
 
-fn resolve_dir_file(given: &Path, dir: &Path, file: PathBuf, allow_external: bool) -> Result<Resolved> {
+fn resolve_dir_file(
+    given: &Path,
+    dir: &Path,
+    file: PathBuf,
+    allow_external: bool,
+) -> Result<Resolved> {
     let guard = Guard::new(dir, allow_external)?;
     guard.check(&file, None)?;
     Ok(Resolved {
@@ -196,7 +217,11 @@ impl Guard {
         let canon = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
         let mut roots = vec![canon.clone()];
         // A Hugging Face snapshot's files are symlinks into <repo>/blobs/.
-        if canon.parent().and_then(Path::file_name).is_some_and(|n| n == "snapshots") {
+        if canon
+            .parent()
+            .and_then(Path::file_name)
+            .is_some_and(|n| n == "snapshots")
+        {
             if let Some(repo) = canon.parent().and_then(Path::parent) {
                 let blobs = repo.join("blobs");
                 if let Ok(b) = blobs.canonicalize() {
@@ -204,7 +229,10 @@ impl Guard {
                 }
             }
         }
-        Ok(Guard { roots, allow_external })
+        Ok(Guard {
+            roots,
+            allow_external,
+        })
     }
 
     fn check(&self, p: &Path, named_by: Option<&Path>) -> Result<()> {
@@ -241,7 +269,10 @@ fn resolve_index(given: &Path, index: &Path, dir: &Path, allow_external: bool) -
     if id.len() > MAX_INDEX_BYTES {
         return Err(Error::Index {
             path: index.to_path_buf(),
-            reason: format!("{} bytes is larger than any real index ({MAX_INDEX_BYTES}-byte limit)", id.len()),
+            reason: format!(
+                "{} bytes is larger than any real index ({MAX_INDEX_BYTES}-byte limit)",
+                id.len()
+            ),
         });
     }
     let mut bytes = vec![0u8; id.len() as usize];
@@ -252,7 +283,10 @@ fn resolve_index(given: &Path, index: &Path, dir: &Path, allow_external: bool) -
                 path: index.to_path_buf(),
                 reason: format!("not JSON: it looks like {what}"),
             },
-            _ => Error::Index { path: index.to_path_buf(), reason },
+            _ => Error::Index {
+                path: index.to_path_buf(),
+                reason,
+            },
         }
     })?;
     let mut shard_ids: Vec<(String, u32)> = Vec::new();
@@ -282,11 +316,16 @@ fn resolve_index(given: &Path, index: &Path, dir: &Path, allow_external: bool) -
         shard_ids.push((tensor, id));
     }
     if shards.is_empty() {
-        return Err(Error::Index { path: index.to_path_buf(), reason: "weight_map is empty".into() });
+        return Err(Error::Index {
+            path: index.to_path_buf(),
+            reason: "weight_map is empty".into(),
+        });
     }
     Ok(Resolved {
         given: given.to_path_buf(),
-        layout: Layout::Sharded { index: index.to_path_buf() },
+        layout: Layout::Sharded {
+            index: index.to_path_buf(),
+        },
         shards,
         weight_map: Some(shard_ids),
         metadata: parsed.metadata,
@@ -301,8 +340,11 @@ struct ParsedIndex {
 
 fn parse_index(bytes: &[u8]) -> std::result::Result<ParsedIndex, String> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let parsed = de.deserialize_map(IndexVisitor).map_err(|e| e.to_string())?;
-    de.end().map_err(|e| format!("unexpected data after the JSON object: {e}"))?;
+    let parsed = de
+        .deserialize_map(IndexVisitor)
+        .map_err(|e| e.to_string())?;
+    de.end()
+        .map_err(|e| format!("unexpected data after the JSON object: {e}"))?;
     parsed.ok_or_else(|| "no \"weight_map\" object".to_string())
 }
 
@@ -313,7 +355,10 @@ impl<'de> Visitor<'de> for IndexVisitor {
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON object with a \"weight_map\"")
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
         let mut weight_map = None;
         let mut metadata = Vec::new();
         while let Some(key) = map.next_key::<String>()? {
@@ -341,7 +386,10 @@ impl<'de> Visitor<'de> for IndexVisitor {
                 }
             }
         }
-        Ok(weight_map.map(|weight_map| ParsedIndex { weight_map, metadata }))
+        Ok(weight_map.map(|weight_map| ParsedIndex {
+            weight_map,
+            metadata,
+        }))
     }
 }
 
@@ -356,7 +404,10 @@ impl<'de> de::DeserializeSeed<'de> for WeightMapSeed {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("\"weight_map\" as an object of tensor name → shard file name")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
                 let mut out = Vec::new();
                 let mut seen = HashSet::new();
                 while let Some(k) = map.next_key::<String>()? {

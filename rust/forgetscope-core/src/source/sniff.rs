@@ -3,7 +3,11 @@
 /// Describe what `head` (the first bytes of a file) looks like, if it is a known foreign format.
 pub fn foreign_format(head: &[u8], file_len: u64) -> Option<String> {
     let trimmed = trim_ascii_start(head);
-    let lower: Vec<u8> = trimmed.iter().take(32).map(|b| b.to_ascii_lowercase()).collect();
+    let lower: Vec<u8> = trimmed
+        .iter()
+        .take(32)
+        .map(|b| b.to_ascii_lowercase())
+        .collect();
     if file_len == 0 {
         return Some("the file is empty (0 bytes)".into());
     }
@@ -12,7 +16,10 @@ pub fn foreign_format(head: &[u8], file_len: u64) -> Option<String> {
             "a Git LFS pointer, not the weights; fetch the real file (`git lfs pull`)".into(),
         );
     }
-    if lower.starts_with(b"<!doctype html") || lower.starts_with(b"<html") || lower.starts_with(b"<?xml") {
+    if lower.starts_with(b"<!doctype html")
+        || lower.starts_with(b"<html")
+        || lower.starts_with(b"<?xml")
+    {
         return Some("an HTML/XML page (a failed or redirected download?)".into());
     }
     if head.starts_with(b"GGUF") {
@@ -35,7 +42,8 @@ pub fn foreign_format(head: &[u8], file_len: u64) -> Option<String> {
     }
     if trimmed.first() == Some(&b'{') {
         return Some(
-            "a JSON document (pass the checkpoint directory or the *.safetensors.index.json path)".into(),
+            "a JSON document (pass the checkpoint directory or the *.safetensors.index.json path)"
+                .into(),
         );
     }
     None
@@ -54,13 +62,23 @@ mod tests {
 
     #[test]
     fn recognises_formats() {
-        assert!(foreign_format(b"\x80\x02}q\x00", 100).unwrap().contains("pickle"));
-        assert!(foreign_format(b"PK\x03\x04rest", 100).unwrap().contains("zip"));
-        assert!(foreign_format(b"version https://git-lfs.github.com/spec/v1\n", 100)
+        assert!(foreign_format(b"\x80\x02}q\x00", 100)
             .unwrap()
-            .contains("LFS"));
-        assert!(foreign_format(b"  <!DOCTYPE html><html>", 100).unwrap().contains("HTML"));
-        assert!(foreign_format(b"GGUF\x03\x00", 100).unwrap().contains("GGUF"));
+            .contains("pickle"));
+        assert!(foreign_format(b"PK\x03\x04rest", 100)
+            .unwrap()
+            .contains("zip"));
+        assert!(
+            foreign_format(b"version https://git-lfs.github.com/spec/v1\n", 100)
+                .unwrap()
+                .contains("LFS")
+        );
+        assert!(foreign_format(b"  <!DOCTYPE html><html>", 100)
+            .unwrap()
+            .contains("HTML"));
+        assert!(foreign_format(b"GGUF\x03\x00", 100)
+            .unwrap()
+            .contains("GGUF"));
         assert!(foreign_format(b"", 0).unwrap().contains("empty"));
         assert!(foreign_format(b"\x10\x00\x00\x00\x00\x00\x00\x00{", 100).is_none());
     }

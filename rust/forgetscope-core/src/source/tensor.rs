@@ -83,7 +83,11 @@ impl LogicalTensor {
             Encoding::Plain => self.data.dtype.to_string(),
             Encoding::Fp8(Scale::PerTensor(_)) => format!("{}×tensor_scale", self.data.dtype),
             Encoding::Fp8(Scale::PerRow(_)) => format!("{}×row_scale", self.data.dtype),
-            Encoding::Fp8(Scale::Block { block_rows, block_cols, .. }) => {
+            Encoding::Fp8(Scale::Block {
+                block_rows,
+                block_cols,
+                ..
+            }) => {
                 format!("{}×block_scale{block_rows}x{block_cols}", self.data.dtype)
             }
             Encoding::Mxfp4 { .. } => "MXFP4".into(),
@@ -131,7 +135,11 @@ impl LogicalTensor {
             Encoding::Plain => None,
             Encoding::Fp8(Scale::PerTensor(s)) => Some((s, 0, 1)),
             Encoding::Fp8(Scale::PerRow(s)) => Some((s, e0 / cols, (e1 - 1) / cols + 1)),
-            Encoding::Fp8(Scale::Block { scale, block_rows, block_cols }) => {
+            Encoding::Fp8(Scale::Block {
+                scale,
+                block_rows,
+                block_cols,
+            }) => {
                 let scols = cols.div_ceil(*block_cols);
                 let r0 = e0 / cols / block_rows;
                 let r1 = (e1 - 1) / cols / block_rows + 1;
@@ -165,7 +173,11 @@ impl LogicalTensor {
                             run.iter_mut().for_each(|v| *v *= s);
                         });
                     }
-                    Scale::Block { block_rows, block_cols, .. } => {
+                    Scale::Block {
+                        block_rows,
+                        block_cols,
+                        ..
+                    } => {
                         let cols = self.cols();
                         let scols = cols.div_ceil(*block_cols);
                         for_each_run(e0, out, cols, *block_cols, |row, col, run| {
@@ -209,7 +221,13 @@ pub enum AuxValues<'a> {
 
 /// Call `f(row, col, run)` for maximal runs of `out` (elements from `e0`) that stay within one row
 /// and one `width`-wide column tile.
-fn for_each_run(e0: u64, out: &mut [f32], cols: u64, width: u64, mut f: impl FnMut(u64, u64, &mut [f32])) {
+fn for_each_run(
+    e0: u64,
+    out: &mut [f32],
+    cols: u64,
+    width: u64,
+    mut f: impl FnMut(u64, u64, &mut [f32]),
+) {
     let mut i = 0usize;
     while i < out.len() {
         let abs = e0 + i as u64;

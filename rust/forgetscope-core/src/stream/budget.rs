@@ -38,13 +38,16 @@ impl Budget {
             });
         }
         if threads == 0 {
-            return Err(Error::Config { reason: "threads must be at least 1".into() });
+            return Err(Error::Config {
+                reason: "threads must be at least 1".into(),
+            });
         }
         let n = n_ckpt.max(1) as u64;
         // Room for two workers' worth of chunks (the companion tensor of a chunk is at most half
         // its size, hence the 3/2) before the chunk size itself is reduced.
         let per_worker_ckpt = total / (2 * n);
-        let chunk = (per_worker_ckpt.saturating_sub(SCRATCH_PER_CKPT + 4096) * 2 / 3).clamp(MIN_CHUNK, MAX_CHUNK);
+        let chunk = (per_worker_ckpt.saturating_sub(SCRATCH_PER_CKPT + 4096) * 2 / 3)
+            .clamp(MIN_CHUNK, MAX_CHUNK);
         let per_worker = n * (chunk * 3 / 2 + SCRATCH_PER_CKPT + 4096);
         if per_worker > total {
             return Err(Error::Config {
@@ -56,7 +59,11 @@ impl Budget {
             });
         }
         let workers = ((total / per_worker) as usize).clamp(1, threads);
-        Ok(Budget { chunk_bytes: chunk, workers, total })
+        Ok(Budget {
+            chunk_bytes: chunk,
+            workers,
+            total,
+        })
     }
 }
 
@@ -70,7 +77,8 @@ mod tests {
             let a = Budget::new(DEFAULT_MEMORY_BUDGET, n, 1).unwrap();
             let b = Budget::new(DEFAULT_MEMORY_BUDGET, n, 64).unwrap();
             assert_eq!(a.chunk_bytes, b.chunk_bytes);
-            let used = b.workers as u64 * n as u64 * (b.chunk_bytes * 3 / 2 + SCRATCH_PER_CKPT + 4096);
+            let used =
+                b.workers as u64 * n as u64 * (b.chunk_bytes * 3 / 2 + SCRATCH_PER_CKPT + 4096);
             assert!(used <= DEFAULT_MEMORY_BUDGET);
         }
         assert!(Budget::new(1 << 20, 2, 1).is_err());

@@ -16,13 +16,16 @@ use crate::error::{Error, Result};
 use crate::layout::parse_name;
 use crate::metrics::drift::DriftAcc;
 use crate::results::{
-    trajectory_conventions, CheckpointInfo, RunStats, TensorTrajectory, TrajectoryReport, SCHEMA_VERSION,
+    trajectory_conventions, CheckpointInfo, RunStats, TensorTrajectory, TrajectoryReport,
+    SCHEMA_VERSION,
 };
 use crate::source::{open_checkpoint, Checkpoint, Layout, OpenOptions};
 
 fn resolve_threads(threads: usize) -> usize {
     if threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     } else {
         threads
     }
@@ -37,10 +40,16 @@ fn layout_name(l: &Layout) -> &'static str {
 }
 
 /// Weight trajectories of every tensor across `paths` (the first is the base).
-pub fn trajectory(paths: &[impl AsRef<Path>], opts: &RunOptions, control: &Control) -> Result<TrajectoryReport> {
+pub fn trajectory(
+    paths: &[impl AsRef<Path>],
+    opts: &RunOptions,
+    control: &Control,
+) -> Result<TrajectoryReport> {
     let paths = as_paths(paths);
     if paths.len() < 2 {
-        return Err(Error::Config { reason: "a trajectory needs a base and at least one more checkpoint".into() });
+        return Err(Error::Config {
+            reason: "a trajectory needs a base and at least one more checkpoint".into(),
+        });
     }
     let threads = resolve_threads(opts.threads);
     let budget = Budget::new(opts.memory_budget, paths.len(), threads)?;
@@ -52,13 +61,21 @@ pub fn trajectory(paths: &[impl AsRef<Path>], opts: &RunOptions, control: &Contr
         ckpts.push(open_checkpoint(p, &opts.open)?);
     }
     let plan = plan_trajectory(&ckpts, &budget);
-    control.total_bytes.store(plan.total_bytes, Ordering::Relaxed);
-    control.total_tensors.store(plan.tensors.len() as u64, Ordering::Relaxed);
+    control
+        .total_bytes
+        .store(plan.total_bytes, Ordering::Relaxed);
+    control
+        .total_tensors
+        .store(plan.tensors.len() as u64, Ordering::Relaxed);
     let n = ckpts.len();
     let refs: Vec<&Checkpoint> = ckpts.iter().collect();
 
     let slots: Vec<OnceLock<DriftAcc>> = (0..plan.chunks.len()).map(|_| OnceLock::new()).collect();
-    let remaining: Vec<AtomicU32> = plan.tensors.iter().map(|t| AtomicU32::new(t.n_chunks as u32)).collect();
+    let remaining: Vec<AtomicU32> = plan
+        .tensors
+        .iter()
+        .map(|t| AtomicU32::new(t.n_chunks as u32))
+        .collect();
     let empty = plan.tensors.iter().filter(|t| t.n_chunks == 0).count() as u64;
     control.done_tensors.fetch_add(empty, Ordering::Relaxed);
     let next = AtomicUsize::new(0);
@@ -70,7 +87,9 @@ pub fn trajectory(paths: &[impl AsRef<Path>], opts: &RunOptions, control: &Contr
         .num_threads(budget.workers)
         .thread_name(|i| format!("forgetscope-{i}"))
         .build()
-        .map_err(|e| Error::Config { reason: format!("cannot start {} worker threads: {e}", budget.workers) })?;
+        .map_err(|e| Error::Config {
+            reason: format!("cannot start {} worker threads: {e}", budget.workers),
+        })?;
     pool.broadcast(|_| {
         let mut reader = ChunkReader::new(n);
         loop {
@@ -78,7 +97,9 @@ pub fn trajectory(paths: &[impl AsRef<Path>], opts: &RunOptions, control: &Contr
                 return;
             }
             let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(chunk) = plan.chunks.get(i) else { return };
+            let Some(chunk) = plan.chunks.get(i) else {
+                return;
+            };
             let pt = &plan.tensors[chunk.tensor];
             let per: Vec<_> = pt.per_ckpt.iter().collect();
             let mut acc = DriftAcc::new(n);
@@ -162,18 +183,32 @@ pub fn trajectory(paths: &[impl AsRef<Path>], opts: &RunOptions, control: &Contr
 /// Decode one whole tensor to f32 (row-major), reading it in budget-sized chunks.
 ///
 /// Refuses tensors whose f32 copy would exceed `max_bytes`.
-pub fn read_tensor(path: &Path, name: &str, opts: &OpenOptions, max_bytes: u64) -> Result<(Vec<u64>, Vec<f32>)> {
+pub fn read_tensor(
+    path: &Path,
+    name: &str,
+    opts: &OpenOptions,
+    max_bytes: u64,
+) -> Result<(Vec<u64>, Vec<f32>)> {
     let ckpt = open_checkpoint(path, opts)?;
     let Some(t) = ckpt.tensor(name) else {
         if let Some(s) = ckpt.skipped.iter().find(|s| s.name == name) {
-            return Err(Error::Unsupported { path: ckpt.path.clone(), name: name.into(), reason: s.reason.clone() });
+            return Err(Error::Unsupported {
+                path: ckpt.path.clone(),
+                name: name.into(),
+                reason: s.reason.clone(),
+            });
         }
-        return Err(Error::TensorNotFound { path: ckpt.path.clone(), name: name.into() });
+        return Err(Error::TensorNotFound {
+            path: ckpt.path.clone(),
+            name: name.into(),
+        });
     };
     let need = t.numel.saturating_mul(4);
     if need > max_bytes {
         return Err(Error::Config {
-            reason: format!("tensor {name:?} needs {need} bytes as f32, above the limit of {max_bytes} bytes"),
+            reason: format!(
+                "tensor {name:?} needs {need} bytes as f32, above the limit of {max_bytes} bytes"
+            ),
         });
     }
     let mut out = vec![0f32; t.numel as usize];

@@ -29,7 +29,11 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { threads: 0, memory_budget: DEFAULT_MEMORY_BUDGET, open: OpenOptions::default() }
+        RunOptions {
+            threads: 0,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
+            open: OpenOptions::default(),
+        }
     }
 }
 

@@ -48,7 +48,12 @@ pub struct Plan {
 /// Elements per chunk for a tensor: as many as fit `chunk_bytes` in the widest stored format,
 /// whole rows when a row fits, and a multiple of every encoding's alignment.
 pub(crate) fn chunk_elems(per_ckpt: &[&LogicalTensor], chunk_bytes: u64) -> u64 {
-    let max_b = per_ckpt.iter().map(|t| t.max_elem_bytes()).max().unwrap_or(1).max(1);
+    let max_b = per_ckpt
+        .iter()
+        .map(|t| t.max_elem_bytes())
+        .max()
+        .unwrap_or(1)
+        .max(1);
     let align = per_ckpt.iter().map(|t| t.chunk_align()).max().unwrap_or(1);
     let cols = per_ckpt[0].cols();
     let fit = (chunk_bytes / max_b).max(align);
@@ -61,11 +66,18 @@ pub(crate) fn chunk_elems(per_ckpt: &[&LogicalTensor], chunk_bytes: u64) -> u64 
 
 /// Pair the tensors of `ckpts` (index 0 = base) and chunk them.
 pub fn plan_trajectory(ckpts: &[Checkpoint], budget: &Budget) -> Plan {
-    let maps: Vec<HashMap<&str, &LogicalTensor>> =
-        ckpts.iter().map(|c| c.tensors.iter().map(|t| (t.name.as_str(), t)).collect()).collect();
+    let maps: Vec<HashMap<&str, &LogicalTensor>> = ckpts
+        .iter()
+        .map(|c| c.tensors.iter().map(|t| (t.name.as_str(), t)).collect())
+        .collect();
     let skipped: Vec<HashMap<&str, &str>> = ckpts
         .iter()
-        .map(|c| c.skipped.iter().map(|s| (s.name.as_str(), s.reason.as_str())).collect())
+        .map(|c| {
+            c.skipped
+                .iter()
+                .map(|s| (s.name.as_str(), s.reason.as_str()))
+                .collect()
+        })
         .collect();
     let mut mismatches = Vec::new();
     let mut tensors = Vec::new();
@@ -78,10 +90,21 @@ pub fn plan_trajectory(ckpts: &[Checkpoint], budget: &Budget) -> Plan {
                 Some(o) => *o,
                 None => {
                     let (kind, detail) = match skipped[t].get(base.name.as_str()) {
-                        Some(reason) => ("skipped", format!("not analysable in checkpoint {t}: {reason}")),
-                        None => ("missing", format!("present in the base, absent from checkpoint {t}")),
+                        Some(reason) => (
+                            "skipped",
+                            format!("not analysable in checkpoint {t}: {reason}"),
+                        ),
+                        None => (
+                            "missing",
+                            format!("present in the base, absent from checkpoint {t}"),
+                        ),
                     };
-                    mismatches.push(Mismatch { tensor: base.name.clone(), checkpoint: t, kind: kind.into(), detail });
+                    mismatches.push(Mismatch {
+                        tensor: base.name.clone(),
+                        checkpoint: t,
+                        kind: kind.into(),
+                        detail,
+                    });
                     continue 'tensor;
                 }
             };
@@ -100,7 +123,11 @@ pub fn plan_trajectory(ckpts: &[Checkpoint], budget: &Budget) -> Plan {
                         "shape {:?} in checkpoint {t} vs {:?} in the base{}; not compared",
                         other.shape,
                         base.shape,
-                        if transposed { " (the last two dimensions are swapped: a transposed layout?)" } else { "" }
+                        if transposed {
+                            " (the last two dimensions are swapped: a transposed layout?)"
+                        } else {
+                            ""
+                        }
                     ),
                 });
                 continue 'tensor;
@@ -127,7 +154,12 @@ pub fn plan_trajectory(ckpts: &[Checkpoint], budget: &Budget) -> Plan {
             let e1 = (e0 + ce).min(base.numel);
             let bytes = per.iter().map(|t| t.data_range(e0, e1).1).sum();
             total_bytes += bytes;
-            chunks.push(Chunk { tensor: idx, e0, e1, bytes });
+            chunks.push(Chunk {
+                tensor: idx,
+                e0,
+                e1,
+                bytes,
+            });
             e0 = e1;
         }
         tensors.push(PlannedTensor {
@@ -142,11 +174,24 @@ pub fn plan_trajectory(ckpts: &[Checkpoint], budget: &Budget) -> Plan {
             if !maps[0].contains_key(other.name.as_str()) {
                 let (kind, detail) = match skipped[0].get(other.name.as_str()) {
                     Some(reason) => ("skipped", format!("not analysable in the base: {reason}")),
-                    None => ("extra", format!("present in checkpoint {t}, absent from the base")),
+                    None => (
+                        "extra",
+                        format!("present in checkpoint {t}, absent from the base"),
+                    ),
                 };
-                mismatches.push(Mismatch { tensor: other.name.clone(), checkpoint: t, kind: kind.into(), detail });
+                mismatches.push(Mismatch {
+                    tensor: other.name.clone(),
+                    checkpoint: t,
+                    kind: kind.into(),
+                    detail,
+                });
             }
         }
     }
-    Plan { tensors, chunks, mismatches, total_bytes }
+    Plan {
+        tensors,
+        chunks,
+        mismatches,
+        total_bytes,
+    }
 }

@@ -34,7 +34,11 @@ impl ChunkReader {
     }
 
     fn file(&mut self, ckpts: &[&Checkpoint], c: usize, shard: u32) -> Result<usize> {
-        if let Some(i) = self.files.iter().position(|(cc, s, _)| *cc == c && *s == shard) {
+        if let Some(i) = self
+            .files
+            .iter()
+            .position(|(cc, s, _)| *cc == c && *s == shard)
+        {
             return Ok(i);
         }
         let sf = &ckpts[c].shards[shard as usize];
@@ -63,7 +67,14 @@ impl ChunkReader {
             let (off, len) = lt.data_range(e0, e1);
             let fi = self.file(ckpts, t, lt.data.shard)?;
             let sf = &ckpts[t].shards[lt.data.shard as usize];
-            leads[t] = read_aligned(&self.files[fi].2, &sf.path, &mut self.bufs[t], off, len as usize, sf.identity.len())?;
+            leads[t] = read_aligned(
+                &self.files[fi].2,
+                &sf.path,
+                &mut self.bufs[t],
+                off,
+                len as usize,
+                sf.identity.len(),
+            )?;
             if let Some((st, a0, a1)) = lt.aux_range(e0, e1) {
                 let esz = st.dtype.bits() / 8;
                 let fi = self.file(ckpts, t, st.shard)?;
@@ -93,9 +104,15 @@ impl ChunkReader {
                             Scale::PerTensor(_) => 0,
                             _ => a0,
                         };
-                        AuxValues::Scales { values: &self.aux_f32[t], first }
+                        AuxValues::Scales {
+                            values: &self.aux_f32[t],
+                            first,
+                        }
                     }
-                    (Encoding::Mxfp4 { .. }, Some((_, a0, _))) => AuxValues::Bytes { bytes: &self.aux_raw[t], first: a0 },
+                    (Encoding::Mxfp4 { .. }, Some((_, a0, _))) => AuxValues::Bytes {
+                        bytes: &self.aux_raw[t],
+                        first: a0,
+                    },
                 };
                 lt.decode(data, s, &aux, &mut self.scratch[t][..m]);
             }
