@@ -169,11 +169,7 @@ impl fmt::Display for Dtype {
 /// or an 8-bit float (then the raw code value is returned, unscaled).
 pub fn decode_plain(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
     match dtype {
-        Dtype::BF16 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
-            }
-        }
+        Dtype::BF16 => decode_bf16(bytes, out),
         Dtype::F16 => {
             // Stage through u16 so `half` can use its F16C path on the whole slice.
             let mut tmp = [0u16; 1024];
@@ -187,11 +183,7 @@ pub fn decode_plain(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
                 h.convert_to_f32_slice(o);
             }
         }
-        Dtype::F32 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
-        }
+        Dtype::F32 => decode_f32(bytes, out),
         Dtype::F64 => {
             for (o, b) in out.iter_mut().zip(bytes.chunks_exact(8)) {
                 *o = f64::from_le_bytes(b.try_into().expect("chunks_exact(8)")) as f32;
@@ -205,6 +197,28 @@ pub fn decode_plain(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
         }
         other => unreachable!("decode_plain called with non-float dtype {other}"),
     }
+}
+
+#[inline(always)]
+fn decode_bf16_body(bytes: &[u8], out: &mut [f32]) {
+    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+    }
+}
+
+crate::simd::dispatch! {
+    fn decode_bf16(bytes: &[u8], out: &mut [f32]) = decode_bf16_body;
+}
+
+#[inline(always)]
+fn decode_f32_body(bytes: &[u8], out: &mut [f32]) {
+    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+        *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+}
+
+crate::simd::dispatch! {
+    fn decode_f32(bytes: &[u8], out: &mut [f32]) = decode_f32_body;
 }
 
 /// The 256-entry value table of an 8-bit float format.

@@ -11,6 +11,7 @@ pub mod error;
 pub mod layout;
 pub mod metrics;
 pub mod results;
+mod simd;
 pub mod source;
 pub mod stream;
 pub mod table;

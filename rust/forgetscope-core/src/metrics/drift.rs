@@ -20,7 +20,7 @@
 
 use serde::Serialize;
 
-use super::kernels::{count_nonfinite, diff_sq_eq, step_dot, sum_sq};
+use super::kernels::{count_nonfinite, diff_sq_eq, pair_stats, step_dot};
 
 /// Partial sums for one tensor over `n` checkpoints (index 0 is the base).
 #[derive(Debug, Clone, PartialEq)]
@@ -66,21 +66,17 @@ impl DriftAcc {
         debug_assert_eq!(w.len(), self.n);
         let len = w[0].len();
         debug_assert!(w.iter().all(|x| x.len() == len));
-        for (t, wt) in w.iter().enumerate() {
-            let s = sum_sq(wt);
-            if !s.is_finite() {
-                let (nan, inf) = count_nonfinite(wt);
-                self.nan[t] += nan;
-                self.inf[t] += inf;
-            }
-            self.sq[t] += s;
-        }
+        // One fused pass per checkpoint against the base gives ‖W_t‖², ‖W₀‖² and ‖Δ_t‖² together.
         for t in 1..self.n {
-            let (d, eq) = diff_sq_eq(w[0], w[t]);
-            self.delta_sq[t] += d;
-            self.unchanged[t] += eq;
+            let p = pair_stats(w[0], w[t]);
+            if t == 1 {
+                self.add_sq(0, p.sq_a, w[0]);
+            }
+            self.add_sq(t, p.sq_b, w[t]);
+            self.delta_sq[t] += p.diff_sq;
+            self.unchanged[t] += p.equal;
             self.step_sq[t] += if t == 1 {
-                d
+                p.diff_sq
             } else {
                 diff_sq_eq(w[t - 1], w[t]).0
             };
@@ -89,6 +85,17 @@ impl DriftAcc {
             }
         }
         self.numel += len as u64;
+    }
+
+    /// Add Σw² of checkpoint t; count NaN/Inf only when the sum says there are some (the sum of
+    /// squares of finite f32 values cannot overflow f64).
+    fn add_sq(&mut self, t: usize, s: f64, w: &[f32]) {
+        if !s.is_finite() {
+            let (nan, inf) = count_nonfinite(w);
+            self.nan[t] += nan;
+            self.inf[t] += inf;
+        }
+        self.sq[t] += s;
     }
 
     /// Add another accumulator over disjoint elements.

@@ -13,25 +13,7 @@ fn combine(acc: [f64; LANES]) -> f64 {
     ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 }
 
-macro_rules! dispatch {
-    ($(#[$m:meta])* pub fn $name:ident($($arg:ident : $ty:ty),*) -> $ret:ty = $body:ident;) => {
-        $(#[$m])*
-        pub fn $name($($arg: $ty),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    #[target_feature(enable = "avx2")]
-                    unsafe fn avx2($($arg: $ty),*) -> $ret {
-                        $body($($arg),*)
-                    }
-                    // SAFETY: the CPU supports AVX2 (checked just above).
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            $body($($arg),*)
-        }
-    };
-}
+use crate::simd::dispatch;
 
 #[inline(always)]
 fn sum_sq_body(a: &[f32]) -> f64 {
@@ -51,6 +33,7 @@ fn sum_sq_body(a: &[f32]) -> f64 {
 
 dispatch! {
     /// Σ aᵢ² in f64.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn sum_sq(a: &[f32]) -> f64 = sum_sq_body;
 }
 
@@ -80,6 +63,131 @@ fn diff_sq_eq_body(a: &[f32], b: &[f32]) -> (f64, u64) {
 dispatch! {
     /// (Σ (bᵢ − aᵢ)², #{aᵢ = bᵢ}) in f64. Slices of at most 2³² elements (callers pass sub-blocks).
     pub fn diff_sq_eq(a: &[f32], b: &[f32]) -> (f64, u64) = diff_sq_eq_body;
+}
+
+/// Sums of one pass over two aligned slices.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairStats {
+    /// Σ aᵢ².
+    pub sq_a: f64,
+    /// Σ bᵢ².
+    pub sq_b: f64,
+    /// Σ (bᵢ − aᵢ)².
+    pub diff_sq: f64,
+    /// #{aᵢ = bᵢ}.
+    pub equal: u64,
+}
+
+/// Portable reference of [`pair_stats`]: the same 8 lanes and the same fused multiply-adds as
+/// the AVX2 path, so both give bit-identical results.
+fn pair_stats_generic(a: &[f32], b: &[f32]) -> PairStats {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut sa = [0f64; LANES];
+    let mut sb = [0f64; LANES];
+    let mut sd = [0f64; LANES];
+    let mut eq = 0u64;
+    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+        let j = i % LANES;
+        let (xf, yf) = (x as f64, y as f64);
+        let d = yf - xf;
+        sa[j] = xf.mul_add(xf, sa[j]);
+        sb[j] = yf.mul_add(yf, sb[j]);
+        sd[j] = d.mul_add(d, sd[j]);
+        eq += (x == y) as u64;
+    }
+    PairStats {
+        sq_a: combine(sa),
+        sq_b: combine(sb),
+        diff_sq: combine(sd),
+        equal: eq,
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn pair_stats_avx2(a: &[f32], b: &[f32]) -> PairStats {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let full = n / LANES * LANES;
+    let (mut sa0, mut sa1, mut sb0, mut sb1, mut sd0, mut sd1) = (
+        _mm256_setzero_pd(),
+        _mm256_setzero_pd(),
+        _mm256_setzero_pd(),
+        _mm256_setzero_pd(),
+        _mm256_setzero_pd(),
+        _mm256_setzero_pd(),
+    );
+    let mut eq = _mm256_setzero_si256();
+    let mut i = 0;
+    while i < full {
+        // SAFETY: i + 8 ≤ full ≤ len of both slices; unaligned loads.
+        let (va, vb, a0, a1, b0, b1) = unsafe {
+            let pa = a.as_ptr().add(i);
+            let pb = b.as_ptr().add(i);
+            (
+                _mm256_loadu_ps(pa),
+                _mm256_loadu_ps(pb),
+                _mm256_cvtps_pd(_mm_loadu_ps(pa)),
+                _mm256_cvtps_pd(_mm_loadu_ps(pa.add(4))),
+                _mm256_cvtps_pd(_mm_loadu_ps(pb)),
+                _mm256_cvtps_pd(_mm_loadu_ps(pb.add(4))),
+            )
+        };
+        // Equal lanes are all-ones (−1 as i32): subtracting counts them.
+        eq = _mm256_sub_epi32(eq, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_EQ_OQ>(va, vb)));
+        let d0 = _mm256_sub_pd(b0, a0);
+        let d1 = _mm256_sub_pd(b1, a1);
+        sa0 = _mm256_fmadd_pd(a0, a0, sa0);
+        sa1 = _mm256_fmadd_pd(a1, a1, sa1);
+        sb0 = _mm256_fmadd_pd(b0, b0, sb0);
+        sb1 = _mm256_fmadd_pd(b1, b1, sb1);
+        sd0 = _mm256_fmadd_pd(d0, d0, sd0);
+        sd1 = _mm256_fmadd_pd(d1, d1, sd1);
+        i += LANES;
+    }
+    let lanes = |lo: __m256d, hi: __m256d| {
+        let mut out = [0f64; LANES];
+        // SAFETY: out holds 8 f64; unaligned stores.
+        unsafe {
+            _mm256_storeu_pd(out.as_mut_ptr(), lo);
+            _mm256_storeu_pd(out.as_mut_ptr().add(4), hi);
+        }
+        out
+    };
+    let (mut sa, mut sb, mut sd) = (lanes(sa0, sa1), lanes(sb0, sb1), lanes(sd0, sd1));
+    let mut counts = [0u32; 8];
+    // SAFETY: counts holds 8 i32-sized values.
+    unsafe { _mm256_storeu_si256(counts.as_mut_ptr() as *mut __m256i, eq) };
+    let mut equal: u64 = counts.iter().map(|&c| c as u64).sum();
+    for (j, (&x, &y)) in a[full..n].iter().zip(&b[full..n]).enumerate() {
+        let (xf, yf) = (x as f64, y as f64);
+        let d = yf - xf;
+        sa[j] = xf.mul_add(xf, sa[j]);
+        sb[j] = yf.mul_add(yf, sb[j]);
+        sd[j] = d.mul_add(d, sd[j]);
+        equal += (x == y) as u64;
+    }
+    PairStats {
+        sq_a: combine(sa),
+        sq_b: combine(sb),
+        diff_sq: combine(sd),
+        equal,
+    }
+}
+
+/// Σa², Σb², Σ(b − a)² and #{a = b} in one pass, f64 sums (8 lanes, fused multiply-add).
+/// Slices of at most 2³² elements (callers pass sub-blocks).
+pub fn pair_stats(a: &[f32], b: &[f32]) -> PairStats {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return unsafe { pair_stats_avx2(a, b) };
+        }
+    }
+    pair_stats_generic(a, b)
 }
 
 #[inline(always)]
