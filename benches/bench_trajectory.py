@@ -445,19 +445,40 @@ with open(out, "w") as f:
 '''
 
 
+# The measured command is started by this small launcher, not by the benchmark process itself. On Linux
+# a child's ru_maxrss starts at the high-water RSS of the process it was forked (or vforked) from, so
+# a child of this process (which held a whole shard while generating) would report our peak, not its
+# own. The launcher is a fresh, small interpreter; its child's ru_maxrss is that child's alone.
+LAUNCHER = r'''
+import json, os, subprocess, sys, time
+out, log, cmd = sys.argv[1], sys.argv[2], sys.argv[3:]
+with open(log, "wb") as f:
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+p.returncode = os.waitstatus_to_exitcode(status)
+with open(out, "w") as f:
+    json.dump(dict(rc=p.returncode, wall=wall, maxrss_kib=ru.ru_maxrss, utime=ru.ru_utime, stime=ru.ru_stime,
+                   inblock=ru.ru_inblock, majflt=ru.ru_majflt), f)
+'''
+
+
 def run_measured(cmd: Sequence[str], log_path: Path, env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
-    """Run ``cmd``; wall seconds and the child's own rusage (peak RSS, CPU, blocks read from disk)."""
-    with open(log_path, "wb") as logf:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(list(cmd), stdout=logf, stderr=subprocess.STDOUT, env=env)
-        _, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
+    """Run ``cmd`` in a fresh process: wall seconds and its own rusage (peak RSS, CPU, disk reads).
+
+    Wall time is taken by the launcher from just before the child is spawned to its exit, so it
+    includes the child's interpreter start-up and imports but not the launcher's.
+    """
+    stats_path = log_path.with_suffix(".rusage.json")
+    subprocess.run([sys.executable, "-I", "-S", "-c", LAUNCHER, str(stats_path), str(log_path), *map(str, cmd)],
+                   env=env, check=True)
+    st = json.loads(stats_path.read_text())
+    if st["rc"] != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
-        sys.exit(f"error: {' '.join(map(str, cmd))} exited with {p.returncode}:\n{tail}")
-    return dict(seconds=wall, peak_rss_mib=ru.ru_maxrss / 1024, cpu_seconds=ru.ru_utime + ru.ru_stime,
-                disk_read_bytes=ru.ru_inblock * 512, major_faults=ru.ru_majflt)
+        sys.exit(f"error: {' '.join(map(str, cmd))} exited with {st['rc']}:\n{tail}")
+    return dict(seconds=st["wall"], peak_rss_mib=st["maxrss_kib"] / 1024, cpu_seconds=st["utime"] + st["stime"],
+                disk_read_bytes=st["inblock"] * 512, major_faults=st["majflt"])
 
 
 def forgetscope_cmd() -> List[str]:
@@ -525,6 +546,11 @@ class Runner:
         else:
             out.unlink()
         return r
+
+    def startup(self) -> Dict[str, Any]:
+        """``forgetscope --help``: interpreter start-up and imports, the fixed cost in every 'ours' run."""
+        self.n += 1
+        return run_measured(forgetscope_cmd() + ["--help"], self.work / f"startup-{self.n}.log", self._env())
 
     def read(self, threads: int) -> Dict[str, Any]:
         r = read_all(self.files, threads)
@@ -640,7 +666,11 @@ def accuracy(man: Dict[str, Any], base: Path, ft: Path, ours_json: Optional[Path
 # --------------------------------------------------------------------------------------------------
 
 def _fmt(v: Optional[float], spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+    """``format(v, spec)``, or a right-aligned "-" of the same width when there is no value."""
+    if v is None:
+        width = "".join(ch for ch in spec.split(".")[0] if ch.isdigit())
+        return "-".rjust(int(width) if width else 1)
+    return format(v, spec)
 
 
 def print_report(res: Dict[str, Any]) -> List[str]:
@@ -681,6 +711,9 @@ def print_report(res: Dict[str, Any]) -> List[str]:
     log("inner GB/s: the same bytes over the time the tool reports for the work itself (stats.seconds /")
     log("the script's timer after its imports); disk GB: bytes the process read from the block device")
     log("(rusage inblock): about 0 when warm, about the checkpoint size when cold.")
+    su = res["startup_seconds"]
+    log(f"fixed start-up cost inside 'seconds': ours {su['ours']:.2f} s (forgetscope --help, warm)"
+        + (f", naive {su['naive']:.2f} s (import torch, safetensors; warm)" if su["naive"] is not None else ""))
 
     acc = res.get("accuracy")
     if acc:
@@ -729,16 +762,13 @@ def machine_info() -> Dict[str, Any]:
                 info["mem_total_gib"] = round(int(line.split()[1]) / 2**20, 1)
     except OSError:
         pass
-    try:
-        import forgetscope
-        info["forgetscope"] = getattr(forgetscope, "__version__", None)
-    except ImportError:
-        pass
-    for mod in ("torch", "safetensors", "numpy"):
+    # Versions from the package metadata: importing torch here would only bloat this process.
+    from importlib import metadata
+    for dist in ("forgetscope", "torch", "safetensors", "numpy"):
         try:
-            info[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - informational only
-            info[mod] = None
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            info[dist] = None
     return info
 
 
@@ -818,6 +848,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log("[run] a warm-up read fills the page cache")
     runner.read(1)
     resident_warm = resident_fraction(runner.files)
+    startup = statistics.median(runner.startup()["seconds"] for _ in range(3))
 
     if not args.skip_warm:
         log(f"[warm] {args.reps} repetition(s), interleaved")
@@ -900,6 +931,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   ("read_2t_cold", "disk read 2 threads"),
                   ("read_1t_warm", "page-cache read 1 thread"),
                   ("read_2t_warm", "page-cache read 2 threads")]
+    naive_startup = [r["startup_seconds"] for k in ("naive_warm",) if k in raw for r in raw[k]]
     naive_threads = next((r["torch_threads"] for k in ("naive_warm", "naive_cold") if k in raw
                           for r in raw[k]), None)
     result = dict(
@@ -911,6 +943,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   total_bytes=total),
         commands=dict(ours=" ".join(runner.ours_cmd), naive=" ".join(runner.naive_cmd)),
         naive_script=NAIVE_SCRIPT, naive_torch_threads=naive_threads,
+        startup_seconds=dict(ours=startup, naive=statistics.median(naive_startup) if naive_startup else None),
         row_labels=row_labels, rows=rows, accuracy=acc, eviction=eviction, targets=targets, warnings=warnings,
     )
     notes = print_report(result)

@@ -121,9 +121,9 @@ def header_cut_off(d: Path) -> Case:
 
 
 def data_cut_off(d: Path) -> Case:
-    full = raw_safetensors({"a": entry("F32", [2], 0, 8), "b": entry("F32", [2], 8, 16)}, F32x2 * 2)
+    full = raw_safetensors({"enc.alpha": entry("F32", [2], 0, 8), "enc.beta": entry("F32", [2], 8, 16)}, F32x2 * 2)
     p = write(d / "cut_data.safetensors", full[:-4])
-    return Case(p, p, tensor="b", keywords=["truncated|past the end"])
+    return Case(p, p, tensor="enc.beta", keywords=["truncated|past the end"])
 
 
 # --------------------------------------------------------------------------- header length
@@ -187,9 +187,9 @@ def trailing_garbage_after_json(d: Path) -> Case:
 
 
 def duplicate_tensor(d: Path) -> Case:
-    h = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}'
+    h = b'{"enc.alpha":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"enc.alpha":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}'
     p = write(d / "dup_tensor.safetensors", raw_safetensors(h, F32x2))
-    return Case(p, p, tensor="a", keywords=["duplicate"])
+    return Case(p, p, tensor="enc.alpha", keywords=["duplicate"])
 
 
 def duplicate_metadata(d: Path) -> Case:
@@ -232,115 +232,115 @@ def dtype_not_string(d: Path) -> Case:
 
 
 def overlapping_tensors(d: Path) -> Case:
-    h = {"a": entry("F32", [2], 0, 8), "b": entry("F32", [1], 4, 8)}
+    h = {"enc.alpha": entry("F32", [2], 0, 8), "enc.beta": entry("F32", [1], 4, 8)}
     p = write(d / "overlap.safetensors", raw_safetensors(h, F32x2))
-    return Case(p, p, tensor="b", keywords=["overlap"])
+    return Case(p, p, tensor="enc.beta", keywords=["overlap"])
 
 
 def hole_between_tensors(d: Path) -> Case:
-    h = {"a": entry("F32", [1], 0, 4), "b": entry("F32", [1], 8, 12)}
+    h = {"enc.alpha": entry("F32", [1], 0, 4), "enc.beta": entry("F32", [1], 8, 12)}
     p = write(d / "hole.safetensors", raw_safetensors(h, F32x2 + b"\0" * 4))
-    return Case(p, p, tensor="b", keywords=["hole|gap"])
+    return Case(p, p, tensor="enc.beta", keywords=["hole|gap"])
 
 
 def hole_at_start(d: Path) -> Case:
-    h = {"a": entry("F32", [1], 4, 8)}
+    h = {"enc.alpha": entry("F32", [1], 4, 8)}
     p = write(d / "hole_start.safetensors", raw_safetensors(h, F32x2))
-    return Case(p, p, tensor="a", keywords=["hole|gap"])
+    return Case(p, p, tensor="enc.alpha", keywords=["hole|gap"])
 
 
 def trailing_bytes(d: Path) -> Case:
-    h = {"a": entry("F32", [1], 0, 4)}
+    h = {"enc.alpha": entry("F32", [1], 0, 4)}
     p = write(d / "trailing.safetensors", raw_safetensors(h, F32x2 + b"junk"))
     return Case(p, p, keywords=["unaccounted|trailing|unused"])
 
 
 def offsets_out_of_range(d: Path) -> Case:
-    h = {"a": entry("F32", [1], 100, 104)}
+    h = {"enc.alpha": entry("F32", [1], 100, 104)}
     p = write(d / "out_of_range.safetensors", raw_safetensors(h, F32x2))
-    return Case(p, p, tensor="a", keywords=["past the end|out of range|beyond"])
+    return Case(p, p, tensor="enc.alpha", keywords=["past the end|out of range|beyond"])
 
 
 def offsets_huge(d: Path) -> Case:
-    h = {"a": entry("F32", [1], 2**64 - 4, 2**64 - 1)}
+    h = {"enc.alpha": entry("F32", [1], 2**64 - 4, 2**64 - 1)}
     p = write(d / "offsets_huge.safetensors", raw_safetensors(h, F32x2))
-    return Case(p, p, tensor="a")
+    return Case(p, p, tensor="enc.alpha")
 
 
 def offsets_reversed(d: Path) -> Case:
-    h = {"a": entry("F32", [1], 8, 4)}
+    h = {"enc.alpha": entry("F32", [1], 8, 4)}
     p = write(d / "reversed.safetensors", raw_safetensors(h, F32x2))
-    return Case(p, p, tensor="a", keywords=["reversed|begin"])
+    return Case(p, p, tensor="enc.alpha", keywords=["reversed|begin"])
 
 
 def byte_length_mismatch(d: Path) -> Case:
-    h = {"a": entry("F32", [2], 0, 4)}
+    h = {"enc.alpha": entry("F32", [2], 0, 4)}
     p = write(d / "mismatch.safetensors", raw_safetensors(h, F32x2[:4]))
-    return Case(p, p, tensor="a", keywords=["bytes"])
+    return Case(p, p, tensor="enc.alpha", keywords=["bytes"])
 
 
 def shape_overflow(d: Path) -> Case:
-    h = {"a": entry("F32", [2**40, 2**40, 2**40], 0, 8)}
+    h = {"enc.alpha": entry("F32", [2**40, 2**40, 2**40], 0, 8)}
     p = write(d / "overflow.safetensors", raw_safetensors(h, F32x2))
-    return Case(p, p, tensor="a", keywords=["overflow"])
+    return Case(p, p, tensor="enc.alpha", keywords=["overflow"])
 
 
 def shape_overflow_then_zero(d: Path) -> Case:
-    h = {"a": entry("F32", [2**40, 2**40, 0], 0, 0)}
+    h = {"enc.alpha": entry("F32", [2**40, 2**40, 0], 0, 0)}
     p = write(d / "overflow_zero.safetensors", raw_safetensors(h, b""))
-    return Case(p, p, tensor="a", keywords=["overflow"])
+    return Case(p, p, tensor="enc.alpha", keywords=["overflow"])
 
 
 def shape_zero_then_overflow(d: Path) -> Case:
-    h = {"a": entry("F32", [0, 2**40, 2**40], 0, 0)}
+    h = {"enc.alpha": entry("F32", [0, 2**40, 2**40], 0, 0)}
     p = write(d / "zero_overflow.safetensors", raw_safetensors(h, b""))
-    return Case(p, p, tensor="a", keywords=["overflow"])
+    return Case(p, p, tensor="enc.alpha", keywords=["overflow"])
 
 
 def shape_times_dtype_overflow(d: Path) -> Case:
-    h = {"a": entry("F64", [2**62], 0, 8)}
+    h = {"enc.alpha": entry("F64", [2**62], 0, 8)}
     p = write(d / "bytes_overflow.safetensors", raw_safetensors(h, F32x2))
-    return Case(p, p, tensor="a", keywords=["overflow"])
+    return Case(p, p, tensor="enc.alpha", keywords=["overflow"])
 
 
 def shape_negative(d: Path) -> Case:
-    h = {"a": entry("F32", [-1, 2], 0, 8)}
+    h = {"enc.alpha": entry("F32", [-1, 2], 0, 8)}
     p = write(d / "negative.safetensors", raw_safetensors(h, F32x2))
-    return Case(p, p, tensor="a")
+    return Case(p, p, tensor="enc.alpha")
 
 
 def shape_non_integer(d: Path) -> Case:
-    h = {"a": entry("F32", [2.5], 0, 8)}
+    h = {"enc.alpha": entry("F32", [2.5], 0, 8)}
     p = write(d / "float_shape.safetensors", raw_safetensors(h, F32x2))
-    return Case(p, p, tensor="a")
+    return Case(p, p, tensor="enc.alpha")
 
 
 def shape_beyond_u64(d: Path) -> Case:
-    p = write(d / "big_dim.safetensors", raw_safetensors(b'{"a":{"dtype":"F32","shape":[18446744073709551616],"data_offsets":[0,8]}}', F32x2))
-    return Case(p, p, tensor="a")
+    p = write(d / "big_dim.safetensors", raw_safetensors(b'{"enc.alpha":{"dtype":"F32","shape":[18446744073709551616],"data_offsets":[0,8]}}', F32x2))
+    return Case(p, p, tensor="enc.alpha")
 
 
 def offsets_negative(d: Path) -> Case:
-    h = {"a": entry("F32", [2], -8, 0)}
+    h = {"enc.alpha": entry("F32", [2], -8, 0)}
     p = write(d / "neg_offsets.safetensors", raw_safetensors(h, F32x2))
-    return Case(p, p, tensor="a")
+    return Case(p, p, tensor="enc.alpha")
 
 
 def offsets_three_entries(d: Path) -> Case:
-    h = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 16]}}
+    h = {"enc.alpha": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 16]}}
     p = write(d / "three_offsets.safetensors", raw_safetensors(h, F32x2))
-    return Case(p, p, tensor="a", keywords=["data_offsets"])
+    return Case(p, p, tensor="enc.alpha", keywords=["data_offsets"])
 
 
 def entry_missing_field(d: Path) -> Case:
-    h = {"a": {"dtype": "F32", "data_offsets": [0, 8]}}
+    h = {"enc.alpha": {"dtype": "F32", "data_offsets": [0, 8]}}
     p = write(d / "no_shape.safetensors", raw_safetensors(h, F32x2))
-    return Case(p, p, tensor="a", keywords=["shape"])
+    return Case(p, p, tensor="enc.alpha", keywords=["shape"])
 
 
 def entry_not_object(d: Path) -> Case:
-    p = write(d / "entry_str.safetensors", raw_safetensors({"a": "F32"}, b""))
-    return Case(p, p, tensor="a")
+    p = write(d / "entry_str.safetensors", raw_safetensors({"enc.alpha": "F32"}, b""))
+    return Case(p, p, tensor="enc.alpha")
 
 
 def control_chars_in_name(d: Path) -> Case:
@@ -427,98 +427,98 @@ def gguf_in_dir(d: Path) -> Case:
 
 
 def _two_shards(ck: Path) -> Tuple[Path, Path]:
-    s1 = good_file(ck / "model-00001-of-00002.safetensors", ["a"], seed=1)
-    s2 = good_file(ck / "model-00002-of-00002.safetensors", ["b"], seed=2)
+    s1 = good_file(ck / "model-00001-of-00002.safetensors", ["enc.alpha"], seed=1)
+    s2 = good_file(ck / "model-00002-of-00002.safetensors", ["enc.beta"], seed=2)
     return s1, s2
 
 
 def index_missing_shard(d: Path) -> Case:
     ck = d / "ckpt"
-    s1 = good_file(ck / "model-00001-of-00002.safetensors", ["a"])
+    s1 = good_file(ck / "model-00001-of-00002.safetensors", ["enc.alpha"])
     missing = ck / "model-00002-of-00002.safetensors"
-    write_index(ck, {"a": s1.name, "b": missing.name})
+    write_index(ck, {"enc.alpha": s1.name, "enc.beta": missing.name})
     return Case(ck, missing, exc=CheckpointNotFoundError)
 
 
 def index_tensor_not_in_shard(d: Path) -> Case:
     ck = d / "ckpt"
     s1, s2 = _two_shards(ck)
-    ix = write_index(ck, {"a": s1.name, "b": s2.name, "ghost.weight": s2.name})
+    ix = write_index(ck, {"enc.alpha": s1.name, "enc.beta": s2.name, "ghost.weight": s2.name})
     return Case(ck, ix, tensor="ghost.weight", also=[s2.name])
 
 
 def index_wrong_shard(d: Path) -> Case:
     ck = d / "ckpt"
     s1, s2 = _two_shards(ck)
-    ix = write_index(ck, {"a": s2.name, "b": s2.name, "c": s1.name})
-    # "c" is stored nowhere, but "a" is named first and lives in s1, not s2.
-    return Case(ck, ix, tensor="a")
+    ix = write_index(ck, {"enc.alpha": s2.name, "enc.beta": s2.name, "c": s1.name})
+    # "c" is stored nowhere, but "enc.alpha" is named first and lives in s1, not s2.
+    return Case(ck, ix, tensor="enc.alpha")
 
 
 def tensor_in_two_shards(d: Path) -> Case:
     ck = d / "ckpt"
-    s1 = good_file(ck / "model-00001-of-00002.safetensors", ["a", "shared"], seed=1)
-    s2 = good_file(ck / "model-00002-of-00002.safetensors", ["b", "shared"], seed=2)
-    write_index(ck, {"a": s1.name, "shared": s1.name, "b": s2.name})
+    s1 = good_file(ck / "model-00001-of-00002.safetensors", ["enc.alpha", "shared"], seed=1)
+    s2 = good_file(ck / "model-00002-of-00002.safetensors", ["enc.beta", "shared"], seed=2)
+    write_index(ck, {"enc.alpha": s1.name, "shared": s1.name, "enc.beta": s2.name})
     return Case(ck, s2, tensor="shared", also=[s1])
 
 
 def index_duplicate_key(d: Path) -> Case:
     ck = d / "ckpt"
     s1, s2 = _two_shards(ck)
-    text = '{"metadata": {}, "weight_map": {"a": "%s", "b": "%s", "a": "%s"}}' % (s1.name, s2.name, s2.name)
+    text = '{"metadata": {}, "weight_map": {"enc.alpha": "%s", "enc.beta": "%s", "enc.alpha": "%s"}}' % (s1.name, s2.name, s2.name)
     ix = write_index(ck, text)
-    return Case(ck, ix, tensor="a", keywords=["twice|duplicate"])
+    return Case(ck, ix, tensor="enc.alpha", keywords=["twice|duplicate"])
 
 
 def index_duplicate_weight_map(d: Path) -> Case:
     ck = d / "ckpt"
     s1, s2 = _two_shards(ck)
-    text = '{"weight_map": {"a": "%s"}, "weight_map": {"b": "%s"}}' % (s1.name, s2.name)
+    text = '{"weight_map": {"enc.alpha": "%s"}, "weight_map": {"enc.beta": "%s"}}' % (s1.name, s2.name)
     ix = write_index(ck, text)
     return Case(ck, ix, keywords=["weight_map"])
 
 
 def index_dotdot(d: Path) -> Case:
     ck = d / "ckpt"
-    s1 = good_file(ck / "model-00001-of-00002.safetensors", ["a"])
-    good_file(d / "outside.safetensors", ["b"])  # exists and is valid: refused by policy alone
-    ix = write_index(ck, {"a": s1.name, "b": "../outside.safetensors"})
+    s1 = good_file(ck / "model-00001-of-00002.safetensors", ["enc.alpha"])
+    good_file(d / "outside.safetensors", ["enc.beta"])  # exists and is valid: refused by policy alone
+    ix = write_index(ck, {"enc.alpha": s1.name, "enc.beta": "../outside.safetensors"})
     return Case(ck, ix, exc=UnsafePathError, also=["../outside.safetensors"])
 
 
 def index_dotdot_nested(d: Path) -> Case:
     ck = d / "ckpt"
-    s1 = good_file(ck / "model-00001-of-00002.safetensors", ["a"])
-    good_file(d / "outside.safetensors", ["b"])
+    s1 = good_file(ck / "model-00001-of-00002.safetensors", ["enc.alpha"])
+    good_file(d / "outside.safetensors", ["enc.beta"])
     (ck / "sub").mkdir()
-    ix = write_index(ck, {"a": s1.name, "b": "sub/../../outside.safetensors"})
+    ix = write_index(ck, {"enc.alpha": s1.name, "enc.beta": "sub/../../outside.safetensors"})
     return Case(ck, ix, exc=UnsafePathError)
 
 
 def index_absolute(d: Path) -> Case:
     ck = d / "ckpt"
-    s1 = good_file(ck / "model-00001-of-00002.safetensors", ["a"])
-    outside = good_file(d / "abs.safetensors", ["b"])
-    ix = write_index(ck, {"a": s1.name, "b": str(outside.resolve())})
+    s1 = good_file(ck / "model-00001-of-00002.safetensors", ["enc.alpha"])
+    outside = good_file(d / "abs.safetensors", ["enc.beta"])
+    ix = write_index(ck, {"enc.alpha": s1.name, "enc.beta": str(outside.resolve())})
     return Case(ck, ix, exc=UnsafePathError)
 
 
 def index_absolute_tmp(d: Path) -> Case:
     ck = d / "ckpt"
-    s1 = good_file(ck / "model-00001-of-00002.safetensors", ["a"])
-    ix = write_index(ck, {"a": s1.name, "b": "/tmp/x.safetensors"})
+    s1 = good_file(ck / "model-00001-of-00002.safetensors", ["enc.alpha"])
+    ix = write_index(ck, {"enc.alpha": s1.name, "enc.beta": "/tmp/x.safetensors"})
     return Case(ck, ix, exc=UnsafePathError, also=["/tmp/x.safetensors"])
 
 
 def index_symlink_out(d: Path) -> Case:
     """A shard that is a symlink to a valid file outside the checkpoint directory."""
     ck = d / "ckpt"
-    s1 = good_file(ck / "model-00001-of-00002.safetensors", ["a"])
-    outside = good_file(d / "elsewhere" / "real.safetensors", ["b"])
+    s1 = good_file(ck / "model-00001-of-00002.safetensors", ["enc.alpha"])
+    outside = good_file(d / "elsewhere" / "real.safetensors", ["enc.beta"])
     link = ck / "model-00002-of-00002.safetensors"
     os.symlink(outside, link)
-    write_index(ck, {"a": s1.name, "b": link.name})
+    write_index(ck, {"enc.alpha": s1.name, "enc.beta": link.name})
     return Case(ck, link, exc=UnsafePathError)
 
 
@@ -537,8 +537,8 @@ def index_symlink_itself_out(d: Path) -> Case:
     ck = d / "ckpt"
     ck.mkdir(parents=True)
     other = d / "elsewhere"
-    s1 = good_file(other / "model-00001-of-00001.safetensors", ["a"])
-    real_ix = write_index(other, {"a": s1.name})
+    s1 = good_file(other / "model-00001-of-00001.safetensors", ["enc.alpha"])
+    real_ix = write_index(other, {"enc.alpha": s1.name})
     link = ck / "model.safetensors.index.json"
     os.symlink(real_ix, link)
     return Case(ck, link, exc=UnsafePathError)
@@ -575,8 +575,8 @@ def index_weight_map_empty(d: Path) -> Case:
 def index_weight_map_not_string(d: Path) -> Case:
     ck = d / "ckpt"
     _two_shards(ck)
-    ix = write_index(ck, json.dumps({"weight_map": {"a": 1}}))
-    return Case(ck, ix, tensor="a", keywords=["weight_map"])
+    ix = write_index(ck, json.dumps({"weight_map": {"enc.alpha": 1}}))
+    return Case(ck, ix, tensor="enc.alpha", keywords=["weight_map"])
 
 
 def index_lfs_pointer(d: Path) -> Case:
@@ -595,9 +595,9 @@ def index_file_passed_directly_lfs(d: Path) -> Case:
 
 def index_shard_is_pickle(d: Path) -> Case:
     ck = d / "ckpt"
-    s1 = good_file(ck / "model-00001-of-00002.safetensors", ["a"])
-    s2 = write(ck / "model-00002-of-00002.safetensors", pickle.dumps({"b": 1.0}, protocol=4))
-    write_index(ck, {"a": s1.name, "b": s2.name})
+    s1 = good_file(ck / "model-00001-of-00002.safetensors", ["enc.alpha"])
+    s2 = write(ck / "model-00002-of-00002.safetensors", pickle.dumps({"enc.beta": 1.0}, protocol=4))
+    write_index(ck, {"enc.alpha": s1.name, "enc.beta": s2.name})
     return Case(ck, s2, keywords=["pickle"])
 
 
@@ -606,10 +606,10 @@ def index_shard_is_pickle(d: Path) -> Case:
 
 def fifo_shard(d: Path) -> Case:
     ck = d / "ckpt"
-    s1 = good_file(ck / "model-00001-of-00002.safetensors", ["a"])
+    s1 = good_file(ck / "model-00001-of-00002.safetensors", ["enc.alpha"])
     fifo = ck / "model-00002-of-00002.safetensors"
     os.mkfifo(fifo)
-    write_index(ck, {"a": s1.name, "b": fifo.name})
+    write_index(ck, {"enc.alpha": s1.name, "enc.beta": fifo.name})
     return Case(ck, fifo, exc=UnsafePathError, keywords=["FIFO"], hang_risk=True)
 
 
@@ -645,10 +645,10 @@ def fifo_index_direct(d: Path) -> Case:
 
 def directory_as_shard(d: Path) -> Case:
     ck = d / "ckpt"
-    s1 = good_file(ck / "model-00001-of-00002.safetensors", ["a"])
+    s1 = good_file(ck / "model-00001-of-00002.safetensors", ["enc.alpha"])
     sub = ck / "model-00002-of-00002.safetensors"
     sub.mkdir()
-    write_index(ck, {"a": s1.name, "b": sub.name})
+    write_index(ck, {"enc.alpha": s1.name, "enc.beta": sub.name})
     return Case(ck, sub, exc=UnsafePathError, keywords=["directory"])
 
 
@@ -793,7 +793,7 @@ def metadata_only(d: Path) -> Valid:
 def symlink_out_allowed(d: Path) -> Valid:
     """``index_symlink_out`` with ``allow_external_symlinks=True`` must be accepted."""
     c = index_symlink_out(d)
-    return Valid(c.path, {"a": (4, 8), "b": (4, 8)})
+    return Valid(c.path, {"enc.alpha": (4, 8), "enc.beta": (4, 8)})
 
 
 def dir_symlink_out_allowed(d: Path) -> Valid:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import faulthandler
 import json
+import re
 import subprocess
 import sys
 import time
@@ -41,7 +42,7 @@ XFAIL_MESSAGE: Dict[str, str] = {
         "column 39', naming neither __metadata__ nor the key"
     ),
     "offsets_three_entries": (
-        "data_offsets with three entries gives 'tensor \"a\": trailing characters at line 1 column 53', "
+        "data_offsets with three entries gives 'tensor \"enc.alpha\": trailing characters at line 1 column 61', "
         "which does not mention data_offsets"
     ),
 }
@@ -50,8 +51,8 @@ XFAIL_MESSAGE: Dict[str, str] = {
 # Error::Header (serde failures inside one tensor entry, duplicate names) or Error::Index (weight_map
 # problems) carry no tensor field.
 _NO_TENSOR_ATTR = (
-    "exception .tensor is None although the message names tensor {!r} (core raises Error::Header / "
-    "Error::Index, which carry no tensor)"
+    "exception .tensor is None although the message names the tensor ({}: the core raises Error::Header "
+    "or Error::Index, which carry no tensor field)"
 )
 XFAIL_TENSOR_ATTR = {
     "duplicate_tensor", "dtype_not_string", "shape_negative", "shape_non_integer", "shape_beyond_u64",
@@ -109,15 +110,23 @@ def build(name: str, tmp_path: Path) -> Case:
 # --------------------------------------------------------------------------- checks
 
 
+# Absolute paths, removed before looking for tensor names and keywords (a temporary directory named
+# after the test could otherwise supply the word).
+_ABS_PATH = re.compile(r"(?<![\w.])/[^\s\"',;]*")
+
+
 def check_message(msg: str, case: Case) -> None:
     assert str(case.file) in msg, f"message does not name {case.file}: {msg!r}"
+    text = msg.replace(str(case.file), " ")
     for other in case.also:
         assert str(other) in msg, f"message does not name {other}: {msg!r}"
+        text = text.replace(str(other), " ")
+    text = _ABS_PATH.sub(" ", text)
     if case.tensor_text is not None:
-        assert case.tensor_text in msg, f"message does not name tensor {case.tensor_text!r}: {msg!r}"
+        assert case.tensor_text in text, f"message does not name tensor {case.tensor_text!r}: {msg!r}"
     for words in case.keywords:
         alternatives = words.split("|")
-        assert any(w.lower() in msg.lower() for w in alternatives), f"message lacks {words!r}: {msg!r}"
+        assert any(w.lower() in text.lower() for w in alternatives), f"message lacks {words!r}: {msg!r}"
     assert "\n" not in msg.strip(), f"message is not one line: {msg!r}"
 
 

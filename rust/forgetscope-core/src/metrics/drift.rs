@@ -20,7 +20,7 @@
 
 use serde::Serialize;
 
-use super::kernels::{count_nonfinite, diff_sq_eq, pair_stats, step_dot};
+use super::kernels::{count_nonfinite, diff_sq, pair_stats, step_dot};
 
 /// Partial sums for one tensor over `n` checkpoints (index 0 is the base).
 #[derive(Debug, Clone, PartialEq)]
@@ -78,7 +78,7 @@ impl DriftAcc {
             self.step_sq[t] += if t == 1 {
                 p.diff_sq
             } else {
-                diff_sq_eq(w[t - 1], w[t]).0
+                diff_sq(w[t - 1], w[t])
             };
             if t + 1 < self.n {
                 self.step_dot[t] += step_dot(w[t - 1], w[t], w[t + 1]);

@@ -61,6 +61,7 @@ fn diff_sq_eq_body(a: &[f32], b: &[f32]) -> (f64, u64) {
 }
 
 dispatch! {
+    #[cfg_attr(not(test), allow(dead_code))]
     /// (Σ (bᵢ − aᵢ)², #{aᵢ = bᵢ}) in f64. Slices of at most 2³² elements (callers pass sub-blocks).
     pub fn diff_sq_eq(a: &[f32], b: &[f32]) -> (f64, u64) = diff_sq_eq_body;
 }
@@ -174,6 +175,67 @@ fn pair_stats_avx2(a: &[f32], b: &[f32]) -> PairStats {
         diff_sq: combine(sd),
         equal,
     }
+}
+
+/// Portable reference of [`diff_sq`] (same lanes, same fused multiply-adds as the AVX2 path).
+fn diff_sq_generic(a: &[f32], b: &[f32]) -> f64 {
+    let mut acc = [0f64; LANES];
+    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+        let d = y as f64 - x as f64;
+        acc[i % LANES] = d.mul_add(d, acc[i % LANES]);
+    }
+    combine(acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn diff_sq_avx2(a: &[f32], b: &[f32]) -> f64 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let full = n / LANES * LANES;
+    let (mut s0, mut s1) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+    let mut i = 0;
+    while i < full {
+        // SAFETY: i + 8 ≤ full ≤ len of both slices; unaligned loads.
+        let (a0, a1, b0, b1) = unsafe {
+            let (pa, pb) = (a.as_ptr().add(i), b.as_ptr().add(i));
+            (
+                _mm256_cvtps_pd(_mm_loadu_ps(pa)),
+                _mm256_cvtps_pd(_mm_loadu_ps(pa.add(4))),
+                _mm256_cvtps_pd(_mm_loadu_ps(pb)),
+                _mm256_cvtps_pd(_mm_loadu_ps(pb.add(4))),
+            )
+        };
+        let (d0, d1) = (_mm256_sub_pd(b0, a0), _mm256_sub_pd(b1, a1));
+        s0 = _mm256_fmadd_pd(d0, d0, s0);
+        s1 = _mm256_fmadd_pd(d1, d1, s1);
+        i += LANES;
+    }
+    let mut acc = [0f64; LANES];
+    // SAFETY: acc holds 8 f64; unaligned stores.
+    unsafe {
+        _mm256_storeu_pd(acc.as_mut_ptr(), s0);
+        _mm256_storeu_pd(acc.as_mut_ptr().add(4), s1);
+    }
+    for (j, (&x, &y)) in a[full..n].iter().zip(&b[full..n]).enumerate() {
+        let d = y as f64 - x as f64;
+        acc[j] = d.mul_add(d, acc[j]);
+    }
+    combine(acc)
+}
+
+/// Σ (bᵢ − aᵢ)² in f64 (8 lanes, fused multiply-add; bit-identical on every CPU path).
+pub fn diff_sq(a: &[f32], b: &[f32]) -> f64 {
+    let n = a.len().min(b.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return unsafe { diff_sq_avx2(&a[..n], &b[..n]) };
+        }
+    }
+    diff_sq_generic(&a[..n], &b[..n])
 }
 
 /// Σa², Σb², Σ(b − a)² and #{a = b} in one pass, f64 sums (8 lanes, fused multiply-add).
