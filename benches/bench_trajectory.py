@@ -848,6 +848,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log("[run] a warm-up read fills the page cache")
     runner.read(1)
     resident_warm = resident_fraction(runner.files)
+    if resident_warm is not None and resident_warm < 0.95:
+        warnings.append(f"only {resident_warm:.0%} of the files stayed in the page cache after the warm-up read "
+                        "(not enough free memory?): the warm runs partly read from disk")
     startup = statistics.median(runner.startup()["seconds"] for _ in range(3))
 
     if not args.skip_warm:
@@ -881,6 +884,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if "n_rows" in run and run["n_rows"] != n_tensors:
                 warnings.append(f"{k}: {run['n_rows']} rows for {n_tensors} tensors")
 
+    for k in ("ours_warm", "naive_warm"):
+        if k in rows and (rows[k]["disk_read_gb"] or 0) > 0.1 * total / GB:
+            warnings.append(f"{k} read {rows[k]['disk_read_gb']:.2f} GB from disk: the page cache did not hold "
+                            "the checkpoints, so 'warm' is partly cold")
+
     log("[acc] float64 oracle on a few tensors")
     acc = accuracy(man, runner.base, runner.ft, runner.ours_out, runner.naive_out)
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -906,6 +914,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         v = rows["ours_warm"]["gbps"]
         targets.append(dict(what=f"ours warm >= {TARGET_WARM_GBPS:g} GB/s", value=f"{v:.2f} GB/s",
                             pass_=v >= TARGET_WARM_GBPS))
+        vi = rows["ours_warm"]["inner_gbps"]
+        if vi is not None:
+            targets.append(dict(what=f"(info) ours warm, work only (stats.seconds; start-up excluded) >= "
+                                     f"{TARGET_WARM_GBPS:g} GB/s", value=f"{vi:.2f} GB/s",
+                                pass_=vi >= TARGET_WARM_GBPS))
     if "ours_cold" in rows and "read_1t_cold" in rows:
         disk = max(rows["read_1t_cold"]["gbps"], rows.get("read_2t_cold", rows["read_1t_cold"])["gbps"])
         frac = rows["ours_cold"]["gbps"] / disk

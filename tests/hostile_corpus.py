@@ -436,8 +436,8 @@ def index_missing_shard(d: Path) -> Case:
     ck = d / "ckpt"
     s1 = good_file(ck / "model-00001-of-00002.safetensors", ["enc.alpha"])
     missing = ck / "model-00002-of-00002.safetensors"
-    write_index(ck, {"enc.alpha": s1.name, "enc.beta": missing.name})
-    return Case(ck, missing, exc=CheckpointNotFoundError)
+    ix = write_index(ck, {"enc.alpha": s1.name, "enc.beta": missing.name})
+    return Case(ck, missing, exc=CheckpointNotFoundError, also=[ix])
 
 
 def index_tensor_not_in_shard(d: Path) -> Case:

@@ -11,8 +11,9 @@ metrics are then computed in float64 on those f32 values.
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -85,23 +86,23 @@ def decode_fp8(codes: np.ndarray, scale: np.ndarray, fmt: str, block: int = 128)
     table = fp8_table(fmt)
     vals = table[codes.astype(np.int64)]
     sc = decode_f32(np.asarray(scale, dtype=np.float32))
-    out = np.empty(codes.shape, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        return _scale_fp8(vals, sc, block)
+
+
+def _scale_fp8(vals: np.ndarray, sc: np.ndarray, block: int) -> np.ndarray:
     if sc.size == 1:
-        s = float(sc.reshape(-1)[0])
-        for idx in np.ndindex(codes.shape):
-            out[idx] = vals[idx] * s
+        out = vals * float(sc.reshape(-1)[0])
         return _to_f32(out)
-    rows, cols = codes.shape
+    rows, cols = vals.shape
     if sc.shape in ((rows,), (rows, 1)):
-        flat = sc.reshape(-1)
-        for i in range(rows):
-            for j in range(cols):
-                out[i, j] = vals[i, j] * flat[i]
+        out = vals * sc.reshape(rows, 1)  # row i takes scale i
         return _to_f32(out)
-    assert sc.shape == (-(-rows // block), -(-cols // block)), (sc.shape, codes.shape)
-    for i in range(rows):
-        for j in range(cols):
-            out[i, j] = vals[i, j] * sc[i // block, j // block]
+    assert sc.shape == (-(-rows // block), -(-cols // block)), (sc.shape, vals.shape)
+    # element (i, j) takes the scale of tile (i // block, j // block)
+    tile_i = np.arange(rows)[:, None] // block
+    tile_j = np.arange(cols)[None, :] // block
+    out = vals * sc[tile_i, tile_j]
     return _to_f32(out)
 
 
@@ -128,13 +129,13 @@ def decode_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     scales = np.asarray(scales, dtype=np.uint8)
     lead = blocks.shape[:-2]
     g = blocks.shape[-2]
-    out = np.empty(lead + (g, 32), dtype=np.float64)
-    for idx in np.ndindex(lead + (g,)):
-        s = e8m0_value(scales[idx])
-        for k in range(16):
-            byte = int(blocks[idx + (k,)])
-            out[idx + (2 * k,)] = e2m1_value(byte & 0xF) * s
-            out[idx + (2 * k + 1,)] = e2m1_value(byte >> 4) * s
+    nib = np.array([e2m1_value(c) for c in range(16)], dtype=np.float64)
+    sval = np.array([e8m0_value(c) for c in range(256)], dtype=np.float64)
+    codes = np.empty(lead + (g, 32), dtype=np.int64)
+    codes[..., 0::2] = blocks & 0x0F  # element 2k: low nibble of byte k
+    codes[..., 1::2] = blocks >> 4  # element 2k+1: high nibble
+    with np.errstate(all="ignore"):
+        out = nib[codes] * sval[scales.astype(np.int64)][..., None]
     return _to_f32(out.reshape(lead + (32 * g,)))
 
 
@@ -227,6 +228,28 @@ def trajectory_metrics(ws: Sequence[np.ndarray]) -> Dict[str, List[float]]:
         out["base_n_nan"].append(int(np.isnan(raw[0]).sum()))
         out["base_n_inf"].append(int(np.isinf(raw[0]).sum()))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# A minimal writer (test support)
+# --------------------------------------------------------------------------------------------
+
+
+def save_exact(path, tensors: Dict[str, Tuple[str, np.ndarray]]) -> None:
+    """A minimal safetensors writer that keeps every shape as given (0-d included). For arrays of
+    at least one dimension it writes the same bytes as ``forgetscope.safetensors_io.save_file``
+    (checked in test_trajectory_oracle.py)."""
+    head, offset, blobs = {}, 0, []
+    for name, (dtype, arr) in tensors.items():
+        arr = np.asarray(arr)
+        data = arr.tobytes(order="C")
+        head[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blobs.append(data)
+    text = json.dumps(head, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + b"".join(blobs))
 
 
 # --------------------------------------------------------------------------------------------

@@ -697,7 +697,7 @@ def test_hf_cache_snapshot_and_repo_folder(hf_cache):
     assert sorted(ins.columns["name"]) == sorted(disk_dtypes(b.base))
 
 
-@pytest.mark.parametrize("link", ["absolute", "relative"])
+@pytest.mark.parametrize("link", ["absolute", "relative", "through_blobs_dotdot", "blob_is_symlink"])
 def test_hf_snapshot_symlink_outside_is_unsafe(hf_cache, tmp_path, link):
     b, hub, repo, repo_ft, revs = hf_cache
     src = repo / "snapshots" / revs["ft1"]
@@ -715,7 +715,16 @@ def test_hf_snapshot_symlink_outside_is_unsafe(hf_cache, tmp_path, link):
         if f.name == shard:
             target = elsewhere / f.name
             shutil.copyfile(real, target)
-            (bad / f.name).symlink_to(target if link == "absolute" else os.path.relpath(target, bad))
+            if link == "absolute":
+                (bad / f.name).symlink_to(target)
+            elif link == "relative":
+                (bad / f.name).symlink_to(os.path.relpath(target, bad))
+            elif link == "through_blobs_dotdot":      # looks like ../../blobs/ but climbs out of it
+                (bad / f.name).symlink_to(Path("..", "..", "blobs", "..", "..", "..", "elsewhere", f.name))
+                assert (bad / f.name).resolve() == target.resolve()
+            else:                                     # a blob that is itself a symlink to the outside
+                (bad_repo / "blobs" / real.name).symlink_to(target)
+                (bad / f.name).symlink_to(Path("..") / ".." / "blobs" / real.name)
         else:
             blob = bad_repo / "blobs" / real.name
             shutil.copyfile(real, blob)
@@ -731,6 +740,28 @@ def test_hf_snapshot_symlink_outside_is_unsafe(hf_cache, tmp_path, link):
     ok = fs.trajectory(b.base, bad, b.ft2, threads=2, allow_external_symlinks=True)
     assert_bitwise_equal(plain, ok, "allow_external_symlinks")
     assert fs.inspect(bad, allow_external_symlinks=True).meta["n_tensors"] == len(disk_dtypes(b.ft1))
+
+
+def test_cli_inspect_hf_cache(hf_cache, cli, tmp_path):
+    b, hub, repo, repo_ft, revs = hf_cache
+    for path in (repo, repo / "snapshots" / revs["ft1"]):
+        p = cli(["inspect", path, "--json", "-"])
+        assert p.returncode == 0, p.stderr
+        doc = json.loads(p.stdout)
+        assert doc["layout"]["kind"] == "sharded"
+        assert sorted(r["name"] for r in doc["rows"]) == sorted(disk_dtypes(b.base))
+    # a snapshot file pointing outside: exit 3 with a one-line reason naming the file
+    bad = tmp_path / "models--org--bad" / "snapshots" / revs["base"]
+    bad.mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    for f in (repo / "snapshots" / revs["base"]).iterdir():
+        shutil.copyfile(f.resolve(), tmp_path / "elsewhere" / f.name)
+        (bad / f.name).symlink_to(tmp_path / "elsewhere" / f.name)
+    p = cli(["inspect", bad])
+    assert p.returncode == 3, (p.returncode, p.stderr)
+    assert "unsafe path" in p.stderr and str(bad.name) in p.stderr
+    p = cli(["inspect", bad, "--allow-external-symlinks"])
+    assert p.returncode == 0, p.stderr
 
 
 # --------------------------------------------------------------------------------------------------

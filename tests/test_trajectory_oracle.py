@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -64,20 +63,7 @@ def encode(dtype: str, v: np.ndarray) -> Tuple[str, np.ndarray]:
     return name, raw.reshape(v.shape)
 
 
-def save_exact(path, tensors: Dict[str, Tuple[str, np.ndarray]]) -> None:
-    """A minimal safetensors writer that keeps every shape as given (0-d included). For arrays of
-    at least one dimension it writes the same bytes as ``sio.save_file`` (checked below)."""
-    head, offset, blobs = {}, 0, []
-    for name, (dtype, arr) in tensors.items():
-        arr = np.asarray(arr)
-        data = arr.tobytes(order="C")
-        head[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
-        offset += len(data)
-        blobs.append(data)
-    text = json.dumps(head, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+save_exact = oracle.save_exact
 
 
 def write_ckpts(d: Path, ckpts: List[Dict[str, Tuple[str, np.ndarray]]]) -> List[str]:
@@ -164,7 +150,7 @@ def build_case(c) -> List[Dict[str, Tuple[str, np.ndarray]]]:
     return ckpts
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_every_column_matches_oracle(c):
     ckpts = build_case(c)
@@ -253,6 +239,20 @@ def test_reversal_and_orthogonal_steps(tmp_path):
     assert list(col(res, "path_length")) == [1.0, 2.0, 3.0]
     np.testing.assert_allclose(col(res, "straightness"), [1.0, math.sqrt(2) / 2, 1 / 3], rtol=1e-15)
     assert_invariants(res)
+
+
+def test_one_minus_cos_extremes(tmp_path):
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((7, 9)).astype(np.float32)
+    u = np.zeros_like(w)
+    u[0, 0] = 1.0
+    ckpts = [{"w": sio.plain(w)}, {"w": sio.plain(-w)}, {"w": sio.plain(4 * w)}, {"w": sio.plain(w + np.float32(1e-3) * u)}]
+    res = fs.trajectory(*write_ckpts(tmp_path, ckpts))
+    omc = col(res, "one_minus_cos")
+    assert omc[0] == 2.0  # opposite direction (clamped to [0, 2])
+    assert omc[1] == 0.0  # pure scaling by a power of two: every sum is exact
+    assert 0 < omc[2] < 1e-7  # a tiny rotation is resolved, not lost to cancellation
+    oracle.assert_matches_oracle(res, "w", decoded(ckpts, "w"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,12 +416,14 @@ def check_nonfinite(tmp_path, bad: float) -> None:
         assert not math.isnan(v[0]), k  # t = 1 is clean
         assert math.isnan(v[1]) and math.isnan(v[2]), (k, v)
     b = oracle.rows_of(res, "base_bad")
-    for k in ("fro_delta", "rel_delta", "one_minus_cos", "path_length", "straightness", "step_cos"):
+    for k in ("fro_delta", "rel_delta", "one_minus_cos", "path_length", "straightness"):
         assert np.all(np.isnan(col(res, k)[b])), k  # every one involves W₀
     # ‖W_t‖ and the later steps do not involve the bad base
     assert np.all(np.isfinite(col(res, "norm")[b]))
     sd = col(res, "step_drift")[b]
     assert math.isnan(sd[0]) and np.all(np.isfinite(sd[1:]))
+    sc = col(res, "step_cos")[b]  # cos(δ₁, δ₂) involves W₀, cos(δ₂, δ₃) does not, t = 3 is last
+    assert math.isnan(sc[0]) and math.isfinite(sc[1]) and math.isnan(sc[2])
     assert np.all(np.isnan(col(res, "step_cos")[h]))  # δ₂ and δ₃ touch checkpoint 2
     assert np.all(np.isnan(col(res, "base_norm")[oracle.rows_of(res, "base_bad")]))
     for name in ("hit", "base_bad", "clean"):
@@ -546,6 +548,22 @@ def test_integer_and_bool_tensors_are_skipped(tmp_path):
     oracle.assert_matches_oracle(res, "w", decoded(ckpts, "w"))
 
 
+@pytest.mark.xfail(strict=True, reason="BUG: the float scale of an integer-quantised weight "
+                   "(I8 'q.weight' + F32 'q.weight_scale') is analysed as a tensor of its own when it "
+                   "is stored after the weight (inspect even labels it 'skipped'), and silently "
+                   "dropped when stored before it: the result depends on the file order")
+def test_scale_of_integer_weight_is_not_analysed(tmp_path):
+    q = sio.plain(np.arange(6, dtype=np.int8).reshape(2, 3))
+    s = sio.plain(np.ones(2, np.float32))
+    for order, tensors in (("scale_last", {"q.weight": q, "q.weight_scale": s}),
+                           ("scale_first", {"q.weight_scale": s, "q.weight": q})):
+        p = tmp_path / f"{order}.safetensors"
+        sio.save_file(p, tensors)
+        res = fs.trajectory(p, p)
+        assert res.columns["tensor"] == [], order
+        assert "q.weight" in {x["name"] for x in res.checkpoints[0]["skipped"]}
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. outputs
 # ---------------------------------------------------------------------------------------------
@@ -596,6 +614,19 @@ def test_json_round_trip_and_strictness(result_with_nans, tmp_path):
     assert back.mismatches == res.mismatches
     assert back.checkpoints == res.checkpoints
     assert back.conventions == res.conventions
+
+
+def test_json_round_trip_single_step(tmp_path):
+    """k = 1: step_cos is NaN in every row, so its JSON column is all null."""
+    ckpts = [mixed_tensors(s, 0.01 * s) for s in range(2)]
+    res = fs.trajectory(*write_ckpts(tmp_path, ckpts))
+    assert np.all(np.isnan(col(res, "step_cos")))
+    p = tmp_path / "one.json"
+    res.to_json(p)
+    json.loads(p.read_text(encoding="utf-8"), parse_constant=_reject)
+    back = fs.load_results(p)
+    assert_same_table(back.columns, res)
+    assert isinstance(back.columns["tensor"], list)
 
 
 def test_csv(result_with_nans, tmp_path):

@@ -10,6 +10,7 @@
 //! Every size is checked before it is used to allocate: the header length against the file size
 //! and a 100 MB cap (the reference's limit), and every offset against the data section.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::fmt;
 use std::fs::File;
@@ -105,7 +106,10 @@ pub fn read_header(file: &File, path: &Path, id: FileIdentity) -> Result<Header>
             ),
         )
     })?;
-    let parsed = parse_json(text).map_err(|e| Error::header(path, e))?;
+    let parsed = parse_json(text).map_err(|e| match e.tensor {
+        Some(name) => Error::tensor(path, name, e.reason),
+        None => Error::header(path, e.reason),
+    })?;
     validate(path, parsed, 8 + n, file_len)
 }
 
@@ -116,38 +120,92 @@ struct ParsedHeader {
 }
 
 #[derive(Deserialize)]
+#[serde(expecting = "an object {\"dtype\", \"shape\", \"data_offsets\"}")]
 struct Entry {
     dtype: String,
+    #[serde(deserialize_with = "de_shape")]
     shape: Vec<u64>,
+    #[serde(deserialize_with = "de_offsets")]
     data_offsets: (u64, u64),
 }
 
-fn parse_json(text: &str) -> std::result::Result<ParsedHeader, String> {
+fn de_u64_list<'de, D: de::Deserializer<'de>>(
+    d: D,
+    what: &str,
+) -> std::result::Result<Vec<u64>, D::Error> {
+    let v: Vec<serde_json::Number> = Deserialize::deserialize(d).map_err(|_| {
+        de::Error::custom(format!("{what} must be a list of non-negative integers"))
+    })?;
+    v.iter()
+        .map(|n| {
+            n.as_u64().ok_or_else(|| {
+                de::Error::custom(format!(
+                    "{what} entry {n} is not a non-negative integer below 2^64"
+                ))
+            })
+        })
+        .collect()
+}
+
+fn de_shape<'de, D: de::Deserializer<'de>>(d: D) -> std::result::Result<Vec<u64>, D::Error> {
+    de_u64_list(d, "shape")
+}
+
+fn de_offsets<'de, D: de::Deserializer<'de>>(d: D) -> std::result::Result<(u64, u64), D::Error> {
+    match de_u64_list(d, "data_offsets")?[..] {
+        [a, b] => Ok((a, b)),
+        ref other => Err(de::Error::custom(format!(
+            "data_offsets must be [begin, end], found {} numbers",
+            other.len()
+        ))),
+    }
+}
+
+/// A parse failure, with the tensor whose entry was being read (if any).
+struct ParseError {
+    tensor: Option<String>,
+    reason: String,
+}
+
+fn parse_json(text: &str) -> std::result::Result<ParsedHeader, ParseError> {
+    let current = RefCell::new(None);
     let mut de = serde_json::Deserializer::from_str(text);
-    let parsed = HeaderSeed
+    let parsed = HeaderSeed { current: &current }
         .deserialize(&mut de)
-        .map_err(|e| format!("{e}"))?;
+        .map_err(|e| ParseError {
+            tensor: current.borrow_mut().take(),
+            reason: e.to_string(),
+        })?;
     // Trailing bytes: the reference pads with spaces; anything else is an error.
-    de.end()
-        .map_err(|e| format!("unexpected data after the JSON object: {e}"))?;
+    de.end().map_err(|e| ParseError {
+        tensor: None,
+        reason: format!("unexpected data after the JSON object: {e}"),
+    })?;
     Ok(parsed)
 }
 
-struct HeaderSeed;
+/// Remembers which tensor's entry is being parsed, so a failure can name it.
+struct HeaderSeed<'a> {
+    current: &'a RefCell<Option<String>>,
+}
 
-impl<'de> DeserializeSeed<'de> for HeaderSeed {
+impl<'de> DeserializeSeed<'de> for HeaderSeed<'_> {
     type Value = ParsedHeader;
     fn deserialize<D: de::Deserializer<'de>>(
         self,
         d: D,
     ) -> std::result::Result<Self::Value, D::Error> {
-        d.deserialize_map(HeaderVisitor)
+        d.deserialize_map(HeaderVisitor {
+            current: self.current,
+        })
     }
 }
 
-struct HeaderVisitor;
+struct HeaderVisitor<'a> {
+    current: &'a RefCell<Option<String>>,
+}
 
-impl<'de> Visitor<'de> for HeaderVisitor {
+impl<'de> Visitor<'de> for HeaderVisitor<'_> {
     type Value = ParsedHeader;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -169,13 +227,15 @@ impl<'de> Visitor<'de> for HeaderVisitor {
                 metadata = Some(map.next_value_seed(StringMapSeed)?);
                 continue;
             }
+            *self.current.borrow_mut() = Some(key.clone());
             if !seen.insert(key.clone()) {
-                return Err(de::Error::custom(format!("duplicate tensor name {key:?}")));
+                return Err(de::Error::custom(
+                    "duplicate tensor name (each name must appear once)",
+                ));
             }
-            let entry: Entry = map
-                .next_value()
-                .map_err(|e| de::Error::custom(format!("tensor {key:?}: {e}")))?;
+            let entry: Entry = map.next_value()?;
             entries.push((key, entry));
+            *self.current.borrow_mut() = None;
         }
         Ok(ParsedHeader {
             entries,
@@ -207,10 +267,18 @@ impl<'de> DeserializeSeed<'de> for StringMapSeed {
                 let mut seen = HashSet::new();
                 while let Some(k) = map.next_key::<String>()? {
                     if !seen.insert(k.clone()) {
-                        return Err(de::Error::custom(format!("duplicate metadata key {k:?}")));
+                        return Err(de::Error::custom(format!(
+                            "duplicate \"__metadata__\" key {k:?}"
+                        )));
                     }
-                    let v: String = map.next_value()?;
-                    out.push((k, v));
+                    match map.next_value::<serde_json::Value>()? {
+                        serde_json::Value::String(v) => out.push((k, v)),
+                        other => {
+                            return Err(de::Error::custom(format!(
+                                "\"__metadata__\" value of {k:?} must be a string, found {other}"
+                            )))
+                        }
+                    }
                 }
                 Ok(out)
             }
@@ -386,7 +454,12 @@ mod tests {
     #[test]
     fn rejects_duplicates_holes_overlaps() {
         let dup = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
-        assert!(format!("{}", check(&header_of(dup, 8)).unwrap_err()).contains("duplicate"));
+        let e = check(&header_of(dup, 8)).unwrap_err();
+        assert!(
+            matches!(&e, Error::Tensor { name, .. } if name == "a"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("duplicate"));
         let hole = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
         assert!(format!("{}", check(&header_of(hole, 8)).unwrap_err()).contains("hole"));
         let overlap = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;

@@ -155,23 +155,25 @@ pub fn open_checkpoint(path: &Path, opts: &OpenOptions) -> Result<Checkpoint> {
             listed.insert(name.as_str());
             match seen.get(name) {
                 None => {
-                    return Err(Error::Index {
-                        path: index,
-                        reason: format!(
-                            "weight_map puts {name:?} in {}, which does not contain it",
-                            resolved.shards[*shard as usize].display()
-                        ),
-                    })
+                    return Err(Error::tensor(
+                        index,
+                        name,
+                        format!(
+                        "invalid shard index: weight_map puts it in {}, which does not contain it",
+                        resolved.shards[*shard as usize].display()
+                    ),
+                    ))
                 }
                 Some(s) if s != shard => {
-                    return Err(Error::Index {
-                        path: index,
-                        reason: format!(
-                            "weight_map puts {name:?} in {}, but it is stored in {}",
+                    return Err(Error::tensor(
+                        index,
+                        name,
+                        format!(
+                            "invalid shard index: weight_map puts it in {}, but it is stored in {}",
                             resolved.shards[*shard as usize].display(),
                             resolved.shards[*s as usize].display()
                         ),
-                    })
+                    ))
                 }
                 Some(_) => {}
             }

@@ -10,6 +10,7 @@
 //! unless the caller passes `allow_external_symlinks`. Index entries must be relative paths made
 //! of plain components (no `..`, no absolute paths, no NUL).
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
@@ -201,9 +202,11 @@ fn resolve_dir_file(
     })
 }
 
-/// True when `p` is non-empty and made only of normal components.
+/// True when `p` is relative, names something, and has no `..` (`./` is harmless).
 fn is_plain_relative(p: &Path) -> bool {
-    !p.as_os_str().is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)))
+    p.components().any(|c| matches!(c, Component::Normal(_)))
+        && p.components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
 /// Decides whether a path found through a checkpoint directory may be read.
@@ -277,12 +280,14 @@ fn resolve_index(given: &Path, index: &Path, dir: &Path, allow_external: bool) -
     }
     let mut bytes = vec![0u8; id.len() as usize];
     super::file::read_exact_at(&file, index, &mut bytes, 0)?;
-    let parsed = parse_index(&bytes).map_err(|reason| {
-        match super::sniff::foreign_format(&bytes[..bytes.len().min(64)], id.len()) {
-            Some(what) if !what.starts_with("a JSON") => Error::Index {
+    let parsed = parse_index(&bytes).map_err(|(reason, tensor)| {
+        let head = &bytes[..bytes.len().min(64)];
+        match (super::sniff::foreign_format(head, id.len()), tensor) {
+            (Some(what), _) if !what.starts_with("a JSON") => Error::Index {
                 path: index.to_path_buf(),
                 reason: format!("not JSON: it looks like {what}"),
             },
+            (_, Some(name)) => Error::tensor(index, name, format!("invalid shard index: {reason}")),
             _ => Error::Index {
                 path: index.to_path_buf(),
                 reason,
@@ -338,19 +343,23 @@ struct ParsedIndex {
     metadata: Vec<(String, String)>,
 }
 
-fn parse_index(bytes: &[u8]) -> std::result::Result<ParsedIndex, String> {
+/// Returns the parse failure and, when it concerns one weight_map entry, that tensor's name.
+fn parse_index(bytes: &[u8]) -> std::result::Result<ParsedIndex, (String, Option<String>)> {
+    let current = RefCell::new(None);
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let parsed = de
-        .deserialize_map(IndexVisitor)
-        .map_err(|e| e.to_string())?;
+        .deserialize_map(IndexVisitor { current: &current })
+        .map_err(|e| (e.to_string(), current.borrow_mut().take()))?;
     de.end()
-        .map_err(|e| format!("unexpected data after the JSON object: {e}"))?;
-    parsed.ok_or_else(|| "no \"weight_map\" object".to_string())
+        .map_err(|e| (format!("unexpected data after the JSON object: {e}"), None))?;
+    parsed.ok_or_else(|| ("no \"weight_map\" object".to_string(), None))
 }
 
-struct IndexVisitor;
+struct IndexVisitor<'a> {
+    current: &'a RefCell<Option<String>>,
+}
 
-impl<'de> Visitor<'de> for IndexVisitor {
+impl<'de> Visitor<'de> for IndexVisitor<'_> {
     type Value = Option<ParsedIndex>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON object with a \"weight_map\"")
@@ -367,7 +376,9 @@ impl<'de> Visitor<'de> for IndexVisitor {
                     if weight_map.is_some() {
                         return Err(de::Error::custom("duplicate key \"weight_map\""));
                     }
-                    weight_map = Some(map.next_value_seed(WeightMapSeed)?);
+                    weight_map = Some(map.next_value_seed(WeightMapSeed {
+                        current: self.current,
+                    })?);
                 }
                 "metadata" => {
                     let v: serde_json::Value = map.next_value()?;
@@ -393,13 +404,17 @@ impl<'de> Visitor<'de> for IndexVisitor {
     }
 }
 
-struct WeightMapSeed;
+struct WeightMapSeed<'a> {
+    current: &'a RefCell<Option<String>>,
+}
 
-impl<'de> de::DeserializeSeed<'de> for WeightMapSeed {
+impl<'de> de::DeserializeSeed<'de> for WeightMapSeed<'_> {
     type Value = Vec<(String, String)>;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Self::Value, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
+        struct V<'a> {
+            current: &'a RefCell<Option<String>>,
+        }
+        impl<'de> Visitor<'de> for V<'_> {
             type Value = Vec<(String, String)>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("\"weight_map\" as an object of tensor name → shard file name")
@@ -411,17 +426,26 @@ impl<'de> de::DeserializeSeed<'de> for WeightMapSeed {
                 let mut out = Vec::new();
                 let mut seen = HashSet::new();
                 while let Some(k) = map.next_key::<String>()? {
-                    let v: String = map
-                        .next_value()
-                        .map_err(|e| de::Error::custom(format!("weight_map[{k:?}]: {e}")))?;
+                    *self.current.borrow_mut() = Some(k.clone());
+                    let v = match map.next_value::<serde_json::Value>()? {
+                        serde_json::Value::String(v) => v,
+                        other => {
+                            return Err(de::Error::custom(format!(
+                            "weight_map value must be a shard file name (a string), found {other}"
+                        )))
+                        }
+                    };
                     if !seen.insert(k.clone()) {
-                        return Err(de::Error::custom(format!("weight_map lists {k:?} twice")));
+                        return Err(de::Error::custom("weight_map lists this tensor twice"));
                     }
                     out.push((k, v));
                 }
+                *self.current.borrow_mut() = None;
                 Ok(out)
             }
         }
-        d.deserialize_map(V)
+        d.deserialize_map(V {
+            current: self.current,
+        })
     }
 }

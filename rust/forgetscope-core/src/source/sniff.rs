@@ -49,11 +49,12 @@ pub fn foreign_format(head: &[u8], file_len: u64) -> Option<String> {
     None
 }
 
+/// Skip whitespace and a UTF-8 byte-order mark (common in saved HTML pages), in either order.
 fn trim_ascii_start(b: &[u8]) -> &[u8] {
-    let n = b.iter().take_while(|c| c.is_ascii_whitespace()).count();
-    // A UTF-8 byte-order mark is common in saved HTML pages.
-    let b = &b[n..];
-    b.strip_prefix(b"\xef\xbb\xbf").unwrap_or(b)
+    let ws = |b: &[u8]| -> usize { b.iter().take_while(|c| c.is_ascii_whitespace()).count() };
+    let b = &b[ws(b)..];
+    let b = b.strip_prefix(b"\xef\xbb\xbf").unwrap_or(b);
+    &b[ws(b)..]
 }
 
 #[cfg(test)]
