@@ -17,13 +17,7 @@ import oracle
 
 FP8 = ["F8_E4M3", "F8_E5M2"]
 
-BUG_BLOCK_SIZE = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: for block scales the core infers the tile size as ceil(rows/scale_rows) x "
-    "ceil(cols/scale_cols) instead of 128x128; for DeepSeek-V3 weights whose dims are not "
-    "multiples of 128 (e.g. 300x200 with scale [3, 2]) it uses 100x100 tiles and applies the "
-    "wrong scale to rows/cols 100..127 of each tile (format label 'block_scale100x100')",
-)
+BUG_BLOCK_SIZE = pytest.mark.regression  # fixed in the core; kept as a regression label
 
 
 def assert_same(got: np.ndarray, want: np.ndarray) -> None:

@@ -33,12 +33,7 @@ ALL_COLUMNS = (
     "base_n_inf",
 )
 
-BUG_INF_NOT_NAN = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an Inf element makes the sums +Inf, not NaN: norm/fro_delta/rel_delta/step_drift/"
-    "path_length are reported as inf and straightness = min(inf/inf, 1) = 1.0 (f64::min drops the "
-    "NaN), contradicting the documented 'any NaN/Inf element makes the tensor's sums NaN'",
-)
+BUG_INF_NOT_NAN = pytest.mark.regression  # fixed in the core; kept as a regression label
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,9 +343,6 @@ def test_local_writer_matches_package_writer(tmp_path):
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (safetensors_io): plain()/to_bf16()/save_file() use "
-                   "np.ascontiguousarray, which turns a 0-d array into shape [1], so a scalar is "
-                   "written with shape [1] instead of []")
 def test_writer_keeps_scalar_shape(tmp_path):
     p = tmp_path / "s.safetensors"
     sio.save_file(p, {"s": sio.plain(np.float32(1.5).reshape(())), "b": sio.to_bf16(np.float32(2.0).reshape(()))})
@@ -365,9 +357,6 @@ def test_core_reads_scalars(tmp_path):
     assert r.shape == () and float(r) == 1.5
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (safetensors_io.save_sharded): the greedy split only opens "
-                   "a new shard when the running total passes a multiple of total/n_shards, so with a "
-                   "large tensor last it writes 1 file when 3 were asked for")
 def test_save_sharded_makes_the_shards_asked_for(tmp_path):
     tensors = {"a": sio.plain(np.zeros(10, np.float32)), "b": sio.plain(np.zeros(10, np.float32)),
                "c": sio.plain(np.zeros(10, np.float32)), "big": sio.plain(np.zeros(1000, np.float32))}
@@ -548,10 +537,6 @@ def test_integer_and_bool_tensors_are_skipped(tmp_path):
     oracle.assert_matches_oracle(res, "w", decoded(ckpts, "w"))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the float scale of an integer-quantised weight "
-                   "(I8 'q.weight' + F32 'q.weight_scale') is analysed as a tensor of its own when it "
-                   "is stored after the weight (inspect even labels it 'skipped'), and silently "
-                   "dropped when stored before it: the result depends on the file order")
 def test_scale_of_integer_weight_is_not_analysed(tmp_path):
     q = sio.plain(np.arange(6, dtype=np.int8).reshape(2, 3))
     s = sio.plain(np.ones(2, np.float32))

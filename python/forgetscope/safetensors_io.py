@@ -29,13 +29,13 @@ _NUMPY = {np.dtype("float64"): "F64", np.dtype("float32"): "F32", np.dtype("floa
 
 def plain(x: np.ndarray) -> Stored:
     """Store a numpy array in its own dtype."""
-    x = np.ascontiguousarray(x)
+    x = np.asarray(x, order="C")  # not ascontiguousarray: it turns 0-d arrays into shape [1]
     return _NUMPY[x.dtype], x
 
 
 def to_bf16(x: np.ndarray) -> Stored:
     """Round float values to bfloat16 (nearest, ties to even; NaN kept)."""
-    f = np.ascontiguousarray(x, dtype=np.float32)
+    f = np.asarray(x, dtype=np.float32, order="C")
     u = f.view(np.uint32).astype(np.uint64)
     rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
     rounded = np.where(np.isnan(f), np.uint16(0x7FC0), rounded)
@@ -122,7 +122,7 @@ def _header(tensors: Mapping[str, Stored], metadata: Optional[Mapping[str, str]]
     offset = 0
     blobs = []
     for name, (dtype, arr) in tensors.items():
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr, order="C")
         nbytes = arr.nbytes
         head[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -152,15 +152,19 @@ def save_sharded(
     """Split ``tensors`` over ``n_shards`` files plus ``{prefix}.safetensors.index.json``, HF-style."""
     os.makedirs(directory, exist_ok=True)
     names = list(tensors)
-    total = sum(np.asarray(t[1]).nbytes for t in tensors.values())
-    target = total / max(n_shards, 1)
+    sizes = [np.asarray(tensors[n][1]).nbytes for n in names]
+    total = sum(sizes)
+    n_shards = max(1, min(n_shards, len(names)))
+    # Greedy by bytes, but always exactly n_shards non-empty shards.
     groups: List[List[str]] = [[]]
     acc = 0
-    for n in names:
-        if acc >= target * len(groups) and len(groups) < n_shards:
+    for i, n in enumerate(names):
+        left_names = len(names) - i
+        left_shards = n_shards - len(groups)
+        if groups[-1] and left_shards > 0 and (acc >= total * len(groups) / n_shards or left_names <= left_shards):
             groups.append([])
         groups[-1].append(n)
-        acc += np.asarray(tensors[n][1]).nbytes
+        acc += sizes[i]
     files = []
     weight_map = {}
     for i, g in enumerate(groups):

@@ -121,23 +121,41 @@ impl DriftAcc {
     /// Base-checkpoint statistics.
     pub fn base(&self) -> BaseStats {
         BaseStats {
-            norm: self.sq[0].sqrt(),
+            norm: if self.finite(0) {
+                self.sq[0].sqrt()
+            } else {
+                f64::NAN
+            },
             n_nan: self.nan[0],
             n_inf: self.inf[0],
         }
     }
 
-    /// Metrics for checkpoints 1..n.
+    fn finite(&self, t: usize) -> bool {
+        self.nan[t] == 0 && self.inf[t] == 0
+    }
+
+    /// Metrics for checkpoints 1..n. Any NaN/Inf element in a checkpoint makes every metric that
+    /// involves it NaN (an Inf would otherwise leak through as an Inf norm or a straightness of 1).
     pub fn finish(&self) -> Vec<StepMetrics> {
-        let norm0 = self.sq[0].sqrt();
+        let nan_unless = |ok: bool, v: f64| if ok { v } else { f64::NAN };
+        let norm0 = nan_unless(self.finite(0), self.sq[0].sqrt());
         let mut path = 0.0f64;
-        let steps: Vec<f64> = (0..self.n).map(|t| self.step_sq[t].sqrt()).collect();
+        let steps: Vec<f64> = (0..self.n)
+            .map(|t| {
+                nan_unless(
+                    t == 0 || (self.finite(t) && self.finite(t - 1)),
+                    self.step_sq[t].sqrt(),
+                )
+            })
+            .collect();
         (1..self.n)
             .map(|t| {
-                let norm = self.sq[t].sqrt();
-                let d = self.delta_sq[t].sqrt();
+                let ok = self.finite(0) && self.finite(t);
+                let norm = nan_unless(self.finite(t), self.sq[t].sqrt());
+                let d = nan_unless(ok, self.delta_sq[t].sqrt());
                 path += steps[t];
-                let one_minus_cos = if norm0 > 0.0 && norm > 0.0 {
+                let one_minus_cos = if ok && norm0 > 0.0 && norm > 0.0 {
                     let gap = norm - norm0;
                     ((self.delta_sq[t] - gap * gap) / (2.0 * norm0 * norm)).clamp(0.0, 2.0)
                 } else {
@@ -148,6 +166,11 @@ impl DriftAcc {
                 } else {
                     f64::NAN
                 };
+                let straightness = if path > 0.0 && d.is_finite() {
+                    (d / path).min(1.0)
+                } else {
+                    f64::NAN
+                };
                 StepMetrics {
                     norm,
                     fro_delta: d,
@@ -155,11 +178,7 @@ impl DriftAcc {
                     one_minus_cos,
                     step_drift: steps[t],
                     path_length: path,
-                    straightness: if path > 0.0 {
-                        (d / path).min(1.0)
-                    } else {
-                        f64::NAN
-                    },
+                    straightness,
                     step_cos,
                     frac_unchanged: if self.numel > 0 {
                         self.unchanged[t] as f64 / self.numel as f64
@@ -259,6 +278,16 @@ mod tests {
         a.update(&[&w0, &w1]);
         let m = a.finish()[0];
         assert_eq!((m.n_nan, m.n_inf), (1, 1));
-        assert!(m.fro_delta.is_nan());
+        assert!(m.fro_delta.is_nan() && m.norm.is_nan() && m.straightness.is_nan());
+        let mut b = DriftAcc::new(2);
+        b.update(&[&w0, &[f32::INFINITY, 1.0]]);
+        let m = b.finish()[0];
+        assert_eq!((m.n_nan, m.n_inf), (0, 1));
+        assert!(
+            m.norm.is_nan()
+                && m.fro_delta.is_nan()
+                && m.path_length.is_nan()
+                && m.straightness.is_nan()
+        );
     }
 }

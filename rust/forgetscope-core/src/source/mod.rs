@@ -220,12 +220,17 @@ fn build_logical(
     // Companions first, so a scale is never analysed as a tensor of its own.
     let mut fp8_scale: HashMap<usize, usize> = HashMap::new();
     let mut mx_pairs: HashMap<usize, usize> = HashMap::new();
+    let mut int_scale: HashMap<usize, usize> = HashMap::new();
     for (i, s) in stored.iter().enumerate() {
         for suffix in ["_scale_inv", "_scale"] {
             if let Some(base) = s.name.strip_suffix(suffix) {
                 if let Some(&b) = by_name.get(base) {
                     let bd = stored[b].dtype;
-                    if matches!(bd.class(), DtypeClass::ScaledFloat8 | DtypeClass::Integer) {
+                    if bd.class() == DtypeClass::Integer {
+                        // The scale of an integer-quantised weight: listed with it, never analysed.
+                        role[i] = (Role::Skipped, Some(base.to_string()));
+                        int_scale.insert(b, i);
+                    } else if bd.class() == DtypeClass::ScaledFloat8 {
                         if let Some(prev) = fp8_scale.insert(b, i) {
                             return Err(Error::tensor(
                                 path_of(&stored[b]),
@@ -254,7 +259,7 @@ fn build_logical(
 
     for (i, s) in stored.iter().enumerate() {
         match role[i].0 {
-            Role::Fp8Scale | Role::Mxfp4Scales => continue,
+            Role::Fp8Scale | Role::Mxfp4Scales | Role::Skipped => continue,
             Role::Mxfp4Blocks => {
                 let sc = &stored[mx_pairs[&i]];
                 let stem = role[i].1.clone().expect("stem recorded");
@@ -289,15 +294,26 @@ fn build_logical(
             },
             DtypeClass::Integer => {
                 role[i].0 = Role::Skipped;
-                skipped.push(skip(match fp8_scale.get(&i) {
-                    Some(_) => format!(
-                        "integer-quantised {} weight with a scale; not supported",
+                match int_scale.get(&i) {
+                    Some(&sc) => {
+                        skipped.push(skip(format!(
+                            "integer-quantised {} weight with scale {:?}; not supported",
+                            s.dtype, stored[sc].name
+                        )));
+                        skipped.push(Skipped {
+                            name: stored[sc].name.clone(),
+                            dtype: stored[sc].dtype.to_string(),
+                            shape: stored[sc].shape.clone(),
+                            reason: format!(
+                                "scale of the integer-quantised weight {:?}; not supported",
+                                s.name
+                            ),
+                        });
+                    }
+                    None => skipped.push(skip(format!(
+                        "{} tensor (integer or boolean); not a weight",
                         s.dtype
-                    ),
-                    None => format!("{} tensor (integer or boolean); not a weight", s.dtype),
-                }));
-                if let Some(&sc) = fp8_scale.get(&i) {
-                    role[sc].0 = Role::Skipped;
+                    ))),
                 }
             }
             DtypeClass::Unsupported => {
@@ -338,22 +354,16 @@ fn fp8_tensor(path: &Path, s: &Stored, sc: &Stored) -> Result<LogicalTensor> {
         if (sshape == [rows] || sshape == [rows, 1]) && rows > 1 {
             Scale::PerRow(sc.clone())
         } else if sshape.len() == 2 && sshape[0] > 0 && sshape[1] > 0 {
-            let br = rows.div_ceil(sshape[0]);
-            let bc = cols.div_ceil(sshape[1]);
-            if br == 0
-                || bc == 0
-                || rows.div_ceil(br) != sshape[0]
-                || cols.div_ceil(bc) != sshape[1]
-            {
+            let Some((br, bc)) = block_size(rows, cols, sshape[0], sshape[1]) else {
                 return Err(Error::tensor(
                     path,
                     &sc.name,
                     format!(
-                        "scale shape {sshape:?} does not tile weight shape {:?}",
+                        "scale shape {sshape:?} does not tile weight shape {:?} with square power-of-two blocks",
                         s.shape
                     ),
                 ));
-            }
+            };
             Scale::Block {
                 scale: sc.clone(),
                 block_rows: br,
@@ -387,6 +397,21 @@ fn fp8_tensor(path: &Path, s: &Stored, sc: &Stored) -> Result<LogicalTensor> {
         data: s.clone(),
         encoding: Encoding::Fp8(scale),
     })
+}
+
+/// The tile size of a block scale: DeepSeek-V3 uses 128×128 (`weight_block_size` in its config);
+/// otherwise the largest square power-of-two tile consistent with both scale dimensions. The tile
+/// cannot be read off `⌈rows/sr⌉` (a 300-row weight with 3 scale rows has 128-row tiles, not 100).
+fn block_size(rows: u64, cols: u64, sr: u64, sc: u64) -> Option<(u64, u64)> {
+    let fits = |b: u64| rows.div_ceil(b) == sr && cols.div_ceil(b) == sc;
+    if fits(128) {
+        return Some((128, 128));
+    }
+    (0..63)
+        .rev()
+        .map(|k| 1u64 << k)
+        .find(|&b| fits(b))
+        .map(|b| (b, b))
 }
 
 fn mxfp4_tensor(
