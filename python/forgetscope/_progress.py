@@ -49,7 +49,7 @@ class ProgressBar:
         line = (
             f"\r{self.label}[{bar}] {frac * 100:5.1f}%  {done_tensors}/{total_tensors} tensors  "
             f"{_fmt_bytes(done_bytes)}/{_fmt_bytes(total_bytes)}  {_fmt_bytes(rate)}/s  "
-            f"ETA {_fmt_time(eta) if eta == eta else '?'}"
+            f"ETA {_fmt_time(eta) if eta == eta else '?'}\x1b[K"  # clear what a longer line left
         )
         self.stream.write(line)
         self.stream.flush()
