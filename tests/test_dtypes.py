@@ -363,8 +363,8 @@ def test_scaled_formats_in_chunks_match_oracle(tmp_path):
             dec["row.weight"].append(oracle.decode_bf16(tensors["row.weight"][1]))
         ckpts.append(tmp_path / f"c{t}.safetensors")
         sio.save_file(ckpts[-1], tensors)
-    small = fs.trajectory(*ckpts, memory_budget="8MiB", threads=2)
-    whole = fs.trajectory(*ckpts, threads=2)
+    small = fs.trajectory(*ckpts, chunk_size="32KiB", memory_budget="8MiB", threads=2)
+    whole = fs.trajectory(*ckpts, chunk_size="16MiB", threads=2)
     assert small.stats["chunk_bytes"] < 1_000_000 and whole.stats["chunk_bytes"] >= 8_000_000
     assert small.columns["format"] == whole.columns["format"]
     for name, ws in dec.items():

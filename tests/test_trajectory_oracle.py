@@ -314,8 +314,8 @@ def test_chunked_equals_whole(tmp_path):
         ckpts.append({"model.embed_tokens.weight": sio.to_bf16(w), "small": sio.plain(w[:3, :5].copy())})
         w = w + np.float32(0.01) * rng.standard_normal(shape, dtype=np.float32)
     paths = write_ckpts(tmp_path, ckpts)
-    chunked = fs.trajectory(*paths, memory_budget="8MiB", threads=2)
-    whole = fs.trajectory(*paths, threads=2)
+    chunked = fs.trajectory(*paths, chunk_size="64KiB", memory_budget="8MiB", threads=2)
+    whole = fs.trajectory(*paths, chunk_size="64MiB", threads=2)
     assert chunked.stats["chunk_bytes"] < 6_000_000 <= whole.stats["chunk_bytes"]
     for k in INT_COLUMNS:
         assert np.array_equal(col(chunked, k), col(whole, k)), k

@@ -22,6 +22,7 @@ def trajectory(
     memory_budget: int = ...,
     allow_external_symlinks: bool = False,
     progress: Optional[ProgressFn] = None,
+    chunk_bytes: Optional[int] = None,
 ) -> Tuple[Columns, str]: ...
 def inspect(path: _Path, *, allow_external_symlinks: bool = False) -> Tuple[Columns, str]: ...
 def read_tensor(

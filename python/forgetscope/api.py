@@ -78,6 +78,7 @@ def trajectory(
     memory_budget: Union[int, str] = DEFAULT_MEMORY_BUDGET,
     allow_external_symlinks: bool = False,
     progress: Optional[ProgressFn] = None,
+    chunk_size: Optional[Union[int, str]] = None,
 ) -> TrajectoryResults:
     """Weight trajectories of every tensor from ``base`` through ``checkpoints``.
 
@@ -91,6 +92,8 @@ def trajectory(
         memory_budget: bytes (or ``"512MiB"``) for read buffers; default 512 MiB.
         allow_external_symlinks: follow symlinks that leave a checkpoint directory.
         progress: called about every 100 ms as ``progress(done_bytes, total_bytes, done_tensors, total_tensors)``.
+        chunk_size: bytes per checkpoint read at a time (default: ≤ 512 KiB, sized so a worker's
+            chunks stay in cache); results agree to f64 rounding whatever the size.
 
     Returns:
         TrajectoryResults with one row per (tensor, checkpoint t ≥ 1).
@@ -108,6 +111,7 @@ def trajectory(
         memory_budget=parse_size(memory_budget),
         allow_external_symlinks=allow_external_symlinks,
         progress=progress,
+        chunk_bytes=None if chunk_size is None else parse_size(chunk_size),
     )
     return TrajectoryResults(cols, json.loads(meta))
 

@@ -30,6 +30,7 @@ class _Parser(argparse.ArgumentParser):
 def _common_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: FORGETSCOPE_NUM_THREADS or all cores)")
     p.add_argument("--memory-budget", default="512MiB", help="memory for read buffers, e.g. 512MiB, 2GiB (default 512MiB)")
+    p.add_argument("--chunk-size", default=None, help="bytes per checkpoint read at a time (default: <= 512KiB)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
     p.add_argument("--allow-external-symlinks", action="store_true",
                    help="follow symlinks that leave a checkpoint directory (Hugging Face blobs/ is always allowed)")
@@ -69,7 +70,7 @@ def _run_trajectory(paths: Sequence[str], args: argparse.Namespace) -> int:
     try:
         res = trajectory(
             paths[0], *paths[1:], threads=args.threads, memory_budget=args.memory_budget,
-            allow_external_symlinks=args.allow_external_symlinks, progress=bar,
+            allow_external_symlinks=args.allow_external_symlinks, progress=bar, chunk_size=args.chunk_size,
         )
     finally:
         bar.close()

@@ -73,10 +73,16 @@ fn sharded_equals_single_and_threads_equal_serial() {
     assert_eq!(bits(&a), bits(&b));
     assert_eq!(a.tensors.len(), 4);
     assert_eq!(b.checkpoints[0].n_files, 2);
-    // chunked (minimum budget) agrees to f64 rounding
+    // chunked (16 KiB chunks) agrees with whole tensors (64 MiB chunks) to f64 rounding
+    let whole = RunOptions {
+        threads: 2,
+        chunk_bytes: Some(64 << 20),
+        ..Default::default()
+    };
+    let a = trajectory(&single, &whole, &Control::new()).unwrap();
     let small = RunOptions {
         threads: 2,
-        memory_budget: 8 << 20,
+        chunk_bytes: Some(16 << 10),
         ..Default::default()
     };
     let c = trajectory(&single, &small, &Control::new()).unwrap();

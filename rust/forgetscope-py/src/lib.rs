@@ -20,7 +20,7 @@ use crate::run::run_detached;
 ///
 /// Returns `(columns, meta_json)`; see `forgetscope.trajectory` for the public API.
 #[pyfunction]
-#[pyo3(signature = (paths, *, threads=0, memory_budget=core::stream::DEFAULT_MEMORY_BUDGET, allow_external_symlinks=false, progress=None))]
+#[pyo3(signature = (paths, *, threads=0, memory_budget=core::stream::DEFAULT_MEMORY_BUDGET, allow_external_symlinks=false, progress=None, chunk_bytes=None))]
 fn trajectory<'py>(
     py: Python<'py>,
     paths: Vec<PathBuf>,
@@ -28,6 +28,7 @@ fn trajectory<'py>(
     memory_budget: u64,
     allow_external_symlinks: bool,
     progress: Option<Bound<'py, PyAny>>,
+    chunk_bytes: Option<u64>,
 ) -> PyResult<(Bound<'py, PyAny>, String)> {
     let opts = RunOptions {
         threads,
@@ -35,6 +36,7 @@ fn trajectory<'py>(
         open: OpenOptions {
             allow_external_symlinks,
         },
+        chunk_bytes,
     };
     let report = run_detached(py, progress.as_ref(), move |control| {
         core::trajectory(&paths, &opts, control)

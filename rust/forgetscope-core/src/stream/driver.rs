@@ -52,7 +52,7 @@ pub fn trajectory(
         });
     }
     let threads = resolve_threads(opts.threads);
-    let budget = Budget::new(opts.memory_budget, paths.len(), threads)?;
+    let budget = Budget::new(opts.memory_budget, paths.len(), threads, opts.chunk_bytes)?;
     let mut ckpts = Vec::with_capacity(paths.len());
     for p in &paths {
         if control.is_cancelled() {
@@ -212,7 +212,7 @@ pub fn read_tensor(
         });
     }
     let mut out = vec![0f32; t.numel as usize];
-    let budget = Budget::new(super::DEFAULT_MEMORY_BUDGET, 1, 1)?;
+    let budget = Budget::new(super::DEFAULT_MEMORY_BUDGET, 1, 1, None)?;
     let ce = chunk_elems(&[t], budget.chunk_bytes);
     let mut reader = ChunkReader::new(1);
     let mut e0 = 0;

@@ -25,6 +25,8 @@ pub struct RunOptions {
     pub memory_budget: u64,
     /// How checkpoints are opened.
     pub open: OpenOptions,
+    /// Bytes per checkpoint read at a time; `None` picks a cache-friendly size (≤ 512 KiB).
+    pub chunk_bytes: Option<u64>,
 }
 
 impl Default for RunOptions {
@@ -33,6 +35,7 @@ impl Default for RunOptions {
             threads: 0,
             memory_budget: DEFAULT_MEMORY_BUDGET,
             open: OpenOptions::default(),
+            chunk_bytes: None,
         }
     }
 }
