@@ -32,6 +32,15 @@ fn main() {
         }
         let all = t.elapsed().as_secs_f64();
         let bytes = (n * 4 * reps) as f64;
+        let t = Instant::now();
+        let mut fused = DriftAcc::new(2);
+        for _ in 0..reps {
+            for i in (0..n).step_by(sub) {
+                fused.update_bf16_pair(&a[i * 2..(i + sub) * 2], &b[i * 2..(i + sub) * 2]);
+            }
+        }
+        let fz = t.elapsed().as_secs_f64();
+        println!("fused bf16 pair {:.2} GB/s", bytes / fz / 1e9);
         println!(
             "decode only {:.2} GB/s; decode+update {:.2} GB/s (checkpoint bytes, 1 thread) {:?}",
             bytes / dec / 1e9,

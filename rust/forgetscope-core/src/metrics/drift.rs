@@ -20,7 +20,7 @@
 
 use serde::Serialize;
 
-use super::kernels::{count_nonfinite, diff_sq, pair_stats, step_dot};
+use super::kernels::{count_nonfinite, diff_sq, pair_stats, pair_stats_bf16, step_dot};
 
 /// Partial sums for one tensor over `n` checkpoints (index 0 is the base).
 #[derive(Debug, Clone, PartialEq)]
@@ -85,6 +85,29 @@ impl DriftAcc {
             }
         }
         self.numel += len as u64;
+    }
+
+    /// [`Self::update`] for two checkpoints stored as plain bf16, straight from their bytes.
+    /// Bit-identical to decoding the same block and calling [`Self::update`].
+    pub fn update_bf16_pair(&mut self, a: &[u8], b: &[u8]) {
+        debug_assert_eq!(self.n, 2);
+        let p = pair_stats_bf16(a, b);
+        if p.sq_a.is_finite() && p.sq_b.is_finite() {
+            self.sq[0] += p.sq_a;
+            self.sq[1] += p.sq_b;
+        } else {
+            let decode = |x: &[u8]| {
+                let mut v = vec![0f32; x.len() / 2];
+                crate::dtype::decode_plain(crate::dtype::Dtype::BF16, x, &mut v);
+                v
+            };
+            self.add_sq(0, p.sq_a, &decode(a));
+            self.add_sq(1, p.sq_b, &decode(b));
+        }
+        self.delta_sq[1] += p.diff_sq;
+        self.step_sq[1] += p.diff_sq;
+        self.unchanged[1] += p.equal;
+        self.numel += (a.len() / 2) as u64;
     }
 
     /// Add Σw² of checkpoint t; count NaN/Inf only when the sum says there are some (the sum of
@@ -251,6 +274,36 @@ mod tests {
         assert_eq!(m[0].step_cos, 0.0);
         assert!(m[1].step_cos.is_nan());
         assert_eq!(m[0].frac_unchanged, 0.75);
+    }
+
+    #[test]
+    fn bf16_pair_path_is_bit_identical() {
+        let vals = |k: u32| -> Vec<u8> {
+            (0..10_007u32)
+                .flat_map(|i| (((i * 7919 + k) % 16_000) as u16 + 0x3000).to_le_bytes())
+                .collect()
+        };
+        let (a, mut b) = (vals(0), vals(0));
+        for i in (0..b.len()).step_by(6) {
+            b[i] ^= 1;
+        }
+        b[100] = 0x80;
+        b[101] = 0x7f; // +Inf
+        let dec = |x: &[u8]| -> Vec<f32> {
+            let mut v = vec![0f32; x.len() / 2];
+            crate::dtype::decode_plain(crate::dtype::Dtype::BF16, x, &mut v);
+            v
+        };
+        let (fa, fb) = (dec(&a), dec(&b));
+        let (mut x, mut y) = (DriftAcc::new(2), DriftAcc::new(2));
+        for (ca, cb) in a.chunks(8192).zip(b.chunks(8192)) {
+            x.update_bf16_pair(ca, cb);
+        }
+        for (ca, cb) in fa.chunks(4096).zip(fb.chunks(4096)) {
+            y.update(&[ca, cb]);
+        }
+        assert_eq!(x, y);
+        assert_eq!(x.finish()[0].n_inf, 1);
     }
 
     #[test]

@@ -238,6 +238,97 @@ pub fn diff_sq(a: &[f32], b: &[f32]) -> f64 {
     diff_sq_generic(&a[..n], &b[..n])
 }
 
+/// [`pair_stats`] straight from little-endian bf16 bytes (2 bytes per element), without the f32
+/// scratch pass. bf16 → f32 is exact, and lanes and operations are those of [`pair_stats`], so the
+/// result is bit-identical to decoding first.
+pub fn pair_stats_bf16(a: &[u8], b: &[u8]) -> PairStats {
+    debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return unsafe { pair_stats_bf16_avx2(a, b) };
+        }
+    }
+    let n = a.len().min(b.len()) / 2;
+    let mut fa = vec![0f32; n];
+    let mut fb = vec![0f32; n];
+    crate::dtype::decode_plain(crate::dtype::Dtype::BF16, &a[..2 * n], &mut fa);
+    crate::dtype::decode_plain(crate::dtype::Dtype::BF16, &b[..2 * n], &mut fb);
+    pair_stats_generic(&fa, &fb)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn pair_stats_bf16_avx2(a: &[u8], b: &[u8]) -> PairStats {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len()) / 2;
+    let full = n / LANES * LANES;
+    let zero = _mm256_setzero_pd();
+    let (mut sa0, mut sa1, mut sb0, mut sb1, mut sd0, mut sd1) =
+        (zero, zero, zero, zero, zero, zero);
+    let mut eq = _mm256_setzero_si256();
+    let widen = |x: __m128i| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(x)));
+    let mut i = 0;
+    while i < full {
+        // SAFETY: 2·(i + 8) ≤ 2·full ≤ len of both slices; unaligned 16-byte loads.
+        let (va, vb) = unsafe {
+            (
+                widen(_mm_loadu_si128(a.as_ptr().add(2 * i) as *const __m128i)),
+                widen(_mm_loadu_si128(b.as_ptr().add(2 * i) as *const __m128i)),
+            )
+        };
+        eq = _mm256_sub_epi32(eq, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_EQ_OQ>(va, vb)));
+        let a0 = _mm256_cvtps_pd(_mm256_castps256_ps128(va));
+        let a1 = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(va));
+        let b0 = _mm256_cvtps_pd(_mm256_castps256_ps128(vb));
+        let b1 = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(vb));
+        let d0 = _mm256_sub_pd(b0, a0);
+        let d1 = _mm256_sub_pd(b1, a1);
+        sa0 = _mm256_fmadd_pd(a0, a0, sa0);
+        sa1 = _mm256_fmadd_pd(a1, a1, sa1);
+        sb0 = _mm256_fmadd_pd(b0, b0, sb0);
+        sb1 = _mm256_fmadd_pd(b1, b1, sb1);
+        sd0 = _mm256_fmadd_pd(d0, d0, sd0);
+        sd1 = _mm256_fmadd_pd(d1, d1, sd1);
+        i += LANES;
+    }
+    let lanes = |lo: __m256d, hi: __m256d| {
+        let mut out = [0f64; LANES];
+        // SAFETY: out holds 8 f64; unaligned stores.
+        unsafe {
+            _mm256_storeu_pd(out.as_mut_ptr(), lo);
+            _mm256_storeu_pd(out.as_mut_ptr().add(4), hi);
+        }
+        out
+    };
+    let (mut sa, mut sb, mut sd) = (lanes(sa0, sa1), lanes(sb0, sb1), lanes(sd0, sd1));
+    let mut counts = [0u32; 8];
+    // SAFETY: counts holds 8 i32-sized values.
+    unsafe { _mm256_storeu_si256(counts.as_mut_ptr() as *mut __m256i, eq) };
+    let mut equal: u64 = counts.iter().map(|&c| c as u64).sum();
+    let bf = |bytes: &[u8], k: usize| {
+        f32::from_bits((u16::from_le_bytes([bytes[2 * k], bytes[2 * k + 1]]) as u32) << 16)
+    };
+    for k in full..n {
+        let (x, y) = (bf(a, k), bf(b, k));
+        let j = k - full;
+        let (xf, yf) = (x as f64, y as f64);
+        let d = yf - xf;
+        sa[j] = xf.mul_add(xf, sa[j]);
+        sb[j] = yf.mul_add(yf, sb[j]);
+        sd[j] = d.mul_add(d, sd[j]);
+        equal += (x == y) as u64;
+    }
+    PairStats {
+        sq_a: combine(sa),
+        sq_b: combine(sb),
+        diff_sq: combine(sd),
+        equal,
+    }
+}
+
 /// Σa², Σb², Σ(b − a)² and #{a = b} in one pass, f64 sums (8 lanes, fused multiply-add).
 /// Slices of at most 2³² elements (callers pass sub-blocks).
 pub fn pair_stats(a: &[f32], b: &[f32]) -> PairStats {

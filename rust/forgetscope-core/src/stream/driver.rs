@@ -12,6 +12,7 @@ use super::budget::Budget;
 use super::plan::{chunk_elems, plan_trajectory};
 use super::reader::ChunkReader;
 use super::{as_paths, Control, RunOptions};
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::layout::parse_name;
 use crate::metrics::drift::DriftAcc;
@@ -19,7 +20,7 @@ use crate::results::{
     trajectory_conventions, CheckpointInfo, RunStats, TensorTrajectory, TrajectoryReport,
     SCHEMA_VERSION,
 };
-use crate::source::{open_checkpoint, Checkpoint, Layout, OpenOptions};
+use crate::source::{open_checkpoint, Checkpoint, Encoding, Layout, OpenOptions};
 
 fn resolve_threads(threads: usize) -> usize {
     if threads == 0 {
@@ -103,7 +104,19 @@ pub fn trajectory(
             let pt = &plan.tensors[chunk.tensor];
             let per: Vec<_> = pt.per_ckpt.iter().collect();
             let mut acc = DriftAcc::new(n);
-            match reader.for_each_block(&refs, &per, chunk.e0, chunk.e1, |_, w| acc.update(w)) {
+            // Two plain-bf16 checkpoints (the common case) take the fused decode-as-you-go kernel.
+            let raw_bf16 = n == 2
+                && per
+                    .iter()
+                    .all(|t| matches!(t.encoding, Encoding::Plain) && t.data.dtype == Dtype::BF16);
+            let done = if raw_bf16 {
+                reader.for_each_raw_block(&refs, &per, chunk.e0, chunk.e1, |_, b| {
+                    acc.update_bf16_pair(b[0], b[1])
+                })
+            } else {
+                reader.for_each_block(&refs, &per, chunk.e0, chunk.e1, |_, w| acc.update(w))
+            };
+            match done {
                 Ok(()) => {
                     let _ = slots[i].set(acc);
                     control.done_bytes.fetch_add(chunk.bytes, Ordering::Relaxed);

@@ -50,16 +50,15 @@ impl ChunkReader {
         Ok(self.files.len() - 1)
     }
 
-    /// Read elements `[e0, e1)` of `tensors[t]` (tensor in checkpoint `t`) and call `f(first, blocks)`
-    /// for consecutive sub-blocks, `blocks[t]` holding checkpoint t's decoded values.
-    pub(crate) fn for_each_block(
+    /// Read elements `[e0, e1)` of each `tensors[t]` (and their companions) into the buffers;
+    /// returns where each checkpoint's bytes start in its buffer.
+    fn read_chunk(
         &mut self,
         ckpts: &[&Checkpoint],
         tensors: &[&LogicalTensor],
         e0: u64,
         e1: u64,
-        mut f: impl FnMut(u64, &[&[f32]]),
-    ) -> Result<()> {
+    ) -> Result<Vec<usize>> {
         let n = tensors.len();
         let mut leads = vec![0usize; n];
         for t in 0..n {
@@ -89,6 +88,48 @@ impl ChunkReader {
                 }
             }
         }
+        Ok(leads)
+    }
+
+    /// Like [`Self::for_each_block`], but hands over the stored bytes of each sub-block, for
+    /// kernels that decode as they go. Sub-blocks are the same, so accumulations agree bit for bit.
+    pub(crate) fn for_each_raw_block(
+        &mut self,
+        ckpts: &[&Checkpoint],
+        tensors: &[&LogicalTensor],
+        e0: u64,
+        e1: u64,
+        mut f: impl FnMut(u64, &[&[u8]]),
+    ) -> Result<()> {
+        let leads = self.read_chunk(ckpts, tensors, e0, e1)?;
+        let bufs = &self.bufs;
+        let raw = |t: usize, s: u64, m: u64| {
+            let (boff, blen) = tensors[t].data_range(s, s + m);
+            let (coff, _) = tensors[t].data_range(e0, e1);
+            bufs[t].bytes(leads[t] + (boff - coff) as usize, blen as usize)
+        };
+        let mut s = e0;
+        while s < e1 {
+            let m = (e1 - s).min(SUB_BLOCK as u64);
+            let views: Vec<&[u8]> = (0..tensors.len()).map(|t| raw(t, s, m)).collect();
+            f(s, &views);
+            s += m;
+        }
+        Ok(())
+    }
+
+    /// Read elements `[e0, e1)` of `tensors[t]` (tensor in checkpoint `t`) and call `f(first, blocks)`
+    /// for consecutive sub-blocks, `blocks[t]` holding checkpoint t's decoded values.
+    pub(crate) fn for_each_block(
+        &mut self,
+        ckpts: &[&Checkpoint],
+        tensors: &[&LogicalTensor],
+        e0: u64,
+        e1: u64,
+        mut f: impl FnMut(u64, &[&[f32]]),
+    ) -> Result<()> {
+        let n = tensors.len();
+        let leads = self.read_chunk(ckpts, tensors, e0, e1)?;
         let mut s = e0;
         while s < e1 {
             let m = ((e1 - s) as usize).min(SUB_BLOCK);
