@@ -205,3 +205,16 @@ def test_parse_size():
     assert fs.parse_size(1234) == 1234
     with pytest.raises(fs.UsageError):
         fs.parse_size("12 parsecs")
+
+
+def test_more_shards_than_the_open_file_limit(tmp_path):
+    """Headers are read one shard at a time and workers keep only a few files open."""
+    rng = np.random.default_rng(3)
+    tensors = {f"model.layers.{i}.w": ("F32", rng.standard_normal(8).astype(np.float32)) for i in range(120)}
+    save_sharded(tmp_path / "a", tensors, n_shards=120)
+    save_sharded(tmp_path / "b", {k: (d, v + 1) for k, (d, v) in tensors.items()}, n_shards=120)
+    cmd = f"ulimit -n 48 && {sys.executable} -m forgetscope trajectory {tmp_path / 'a'} {tmp_path / 'b'} -q -o {tmp_path / 'o.json'}"
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "o.json").read_text())["rows"]
+    assert len(rows) == 120 and all(row["fro_delta"] > 0 for row in rows)
