@@ -306,8 +306,8 @@ proptest! {
         let m = if half { 2.0 * n as f64 } else { n as f64 };
         let x = 2.0 * m / (m - 1.0);
         let bound = [-0.5 * x.ln(), x.powf(-0.5), 1.0 / x];
-        for s in 0..3 {
-            prop_assert!(r.energy[s] >= bound[s] - 1e-9 * bound[s].abs(), "s={} {} < {}", s, r.energy[s], bound[s]);
+        for (s, (&e, &b)) in r.energy.iter().zip(&bound).enumerate() {
+            prop_assert!(e >= b - 1e-9 * b.abs(), "s={} {} < {}", s, e, b);
         }
         prop_assert!(r.frame_potential >= 1.0 / (n.min(d) as f64) - 1e-6 && r.frame_potential <= 1.0 + 1e-6);
     }
@@ -403,13 +403,30 @@ fn near_duplicate_is_exact_not_zero() {
         );
     }
     // Columns and f64 input take other paths and must agree too.
+    // Columns: exact copies of the tile's columns, diagonal and off-diagonal tiles.
     let t = transpose(&w, n, d);
-    let o = HeOptions {
-        eps: 0.0,
-        axis: NeuronAxis::Cols,
-        ..opts()
-    };
-    assert_close(he(&t, d, n, &o).energy, b.energy, 1e-8, "near-dup, cols");
+    for half in [false, true] {
+        for block_size in [0, 8] {
+            let o = HeOptions {
+                eps: 0.0,
+                axis: NeuronAxis::Cols,
+                half_space: half,
+                block_size,
+                ..opts()
+            };
+            let r = he(&t, d, n, &o);
+            let b = brute(&w, n, d, NeuronAxis::Rows, half, 0.0, 1e-4);
+            assert_close(r.energy, b.energy, 1e-8, "near-dup, cols");
+            assert!(rel(r.min_d2, b.min_d2) < 1e-8);
+            assert_eq!(r.n_near_dup, if half { 2 } else { 1 });
+        }
+    }
+    // Extreme norms (panel copies scaled by powers of two: still exact).
+    let big: Vec<f32> = w.iter().map(|&x| x * 1e13).collect();
+    let r = he(&big, n, d, &HeOptions { eps: 0.0, ..opts() });
+    let bb = brute(&big, n, d, NeuronAxis::Rows, false, 0.0, 1e-4);
+    assert_close(r.energy, bb.energy, 1e-8, "near-dup, panel path");
+    assert!(rel(r.min_d2, bb.min_d2) < 1e-8);
     let w64: Vec<f64> = w.iter().map(|&x| x as f64).collect();
     let r64 = hyperspherical_energy_f64(&w64, n, d, &HeOptions { eps: 0.0, ..opts() }).unwrap();
     assert_close(r64.energy, b.energy, 1e-6, "near-dup, f64 input");

@@ -103,8 +103,9 @@ const VIEW_NORM_MIN: f64 = 9.094947017729282e-13; // 2^-40
 const VIEW_NORM_MAX: f64 = 1.099511627776e12; // 2^40
 /// Tile edge on the direct (no-copy) path; tuned with `examples/he_speed.rs`.
 const BLOCK_VIEW: usize = 1024;
-/// Per-worker scratch budget on the normalised-copy path (tile + two panels).
-const WORKER_BUDGET: usize = 32 << 20;
+/// Per-worker scratch budget on the panel path (tile + two panels): 2 workers stay under 64 MiB
+/// with faer's packing buffers.
+const WORKER_BUDGET: usize = 28 << 20;
 /// Eigenvalues at or below this fraction of the largest one have no reliable direction.
 const RANK_TOL: f64 = 1e-10;
 
@@ -364,15 +365,15 @@ fn combine(a: [f64; LANES]) -> f64 {
 /// reduction and minimax polynomial (error < 1 ulp). x must not be NaN, +∞ or negative.
 #[inline(always)]
 fn ln_pos(x: f64) -> f64 {
-    const LN2_HI: f64 = 6.93147180369123816490e-01;
-    const LN2_LO: f64 = 1.90821492927058770002e-10;
-    const LG1: f64 = 6.666666666666735130e-01;
-    const LG2: f64 = 3.999999999940941908e-01;
-    const LG3: f64 = 2.857142874366239149e-01;
-    const LG4: f64 = 2.222219843214978396e-01;
-    const LG5: f64 = 1.818357216161805012e-01;
-    const LG6: f64 = 1.531383769920937332e-01;
-    const LG7: f64 = 1.479819860511658591e-01;
+    const LN2_HI: f64 = 0.6931471803691238; // bits 0x3FE6_2E42_FEE0_0000
+    const LN2_LO: f64 = 1.9082149292705877e-10; // bits 0x3DEA_39EF_3579_3C76
+    const LG1: f64 = 0.6666666666666735; // bits 0x3FE5_5555_5555_5593
+    const LG2: f64 = 0.3999999999940942; // bits 0x3FD9_9999_9997_FA04
+    const LG3: f64 = 0.2857142874366239; // bits 0x3FD2_4924_9422_9359
+    const LG4: f64 = 0.22222198432149784; // bits 0x3FCC_71C5_1D8E_78AF
+    const LG5: f64 = 0.1818357216161805; // bits 0x3FC7_4664_96CB_03DE
+    const LG6: f64 = 0.15313837699209373; // bits 0x3FC3_9A09_D078_C69F
+    const LG7: f64 = 0.14798198605116586; // bits 0x3FC2_F112_DF3E_5244
     const TWO54: f64 = 18014398509481984.0;
     const SQRT_HALF_BITS: u64 = 0x3FE6_A09E_667F_3BCD;
     const MAGIC: f64 = 4503599627370496.0 + 2048.0; // 2^52 + 2048
@@ -594,10 +595,11 @@ struct Ctx<'a, T> {
     src: Src<'a, T>,
     /// 1/‖w‖ per original neuron (0 for zero neurons).
     inv: &'a [f64],
-    /// Direct path: the N_total × d neuron matrix over the caller's f32 data (rows axis only).
+    /// Direct path: the N_total × d neuron matrix over the caller's f32 data.
     view: Option<MatRef<'a, f32>>,
-    /// The caller's data when it is f32: exact distances are then taken from f32 rows (the
-    /// caller's rows on the direct path, the panels' exactly power-of-two-scaled copies otherwise).
+    /// The caller's data is f32: exact distances are then taken from contiguous f32 rows (the
+    /// caller's rows, exact copies of its columns, or the panels' exactly power-of-two-scaled
+    /// copies).
     f32_exact: bool,
     /// Position → original neuron.
     orig: &'a [usize],
@@ -641,14 +643,14 @@ impl Scratch {
         }
     }
 
-    fn bytes(b: usize, d: usize, view: bool, half: bool) -> u64 {
-        let panel = if view { 0 } else { 2 * b * d * 4 };
-        (b * b * 4 + panel + (2 + half as usize) * b * 8) as u64
+    fn bytes(&self) -> u64 {
+        let f32s = self.g.capacity() + self.pi.capacity() + self.pj.capacity();
+        let f64s = self.c.capacity() + self.xm.capacity() + self.xp.capacity();
+        (f32s * 4 + f64s * 8) as u64
     }
 }
 
 /// Where the exact distance of a flagged pair comes from.
-#[derive(Clone, Copy)]
 enum Exact<'b> {
     /// Contiguous f32 rows: the caller's (direct path) or the panels (f32 input).
     Rows {
@@ -656,20 +658,31 @@ enum Exact<'b> {
         rj: &'b [f32],
         i0: usize,
         j0: usize,
-        d: usize,
+    },
+    /// Direct path over columns: exact copies of the tile's columns, made on the first
+    /// near-duplicate of the tile.
+    Lazy {
+        pi: &'b mut Vec<f32>,
+        pj: &'b mut Vec<f32>,
+        filled: bool,
+        i0: usize,
+        bi: usize,
+        j0: usize,
+        bj: usize,
     },
     /// The caller's data through [`Src::exact_d2`] (f64 input).
     Source,
 }
 
 impl<'a, T: Elem> Ctx<'a, T> {
-    /// Positions [p0, p0+len) as w·2^−e in f32, row-major `len × d` (exact for f32 input).
-    fn fill_panel(&self, p0: usize, len: usize, out: &mut [f32]) {
+    /// Positions [p0, p0+len) as w·2^−e in f32 (`raw`: as w), row-major `len × d`; exact for f32
+    /// input.
+    fn fill_panel(&self, p0: usize, len: usize, out: &mut [f32], raw: bool) {
         let (d, si, sk, data) = (self.src.d, self.src.si, self.src.sk, self.src.data);
         let out = &mut out[..len * d];
         if sk == 1 {
             for (r, row) in out.chunks_exact_mut(d).enumerate() {
-                let (i, f) = (self.orig[p0 + r], self.pow2[p0 + r]);
+                let (i, f) = (self.orig[p0 + r], self.factor(p0 + r, raw));
                 for (o, &x) in row.iter_mut().zip(&data[i * si..i * si + d]) {
                     *o = (x.f64() * f) as f32;
                 }
@@ -681,13 +694,21 @@ impl<'a, T: Elem> Ctx<'a, T> {
             for k0 in (0..d).step_by(STRIP) {
                 let k1 = (k0 + STRIP).min(d);
                 for r in 0..len {
-                    let (i, f) = (self.orig[p0 + r], self.pow2[p0 + r]);
+                    let (i, f) = (self.orig[p0 + r], self.factor(p0 + r, raw));
                     let row = &mut out[r * d..(r + 1) * d];
                     for k in k0..k1 {
                         row[k] = (data[k * sk + i].f64() * f) as f32;
                     }
                 }
             }
+        }
+    }
+
+    fn factor(&self, p: usize, raw: bool) -> f64 {
+        if raw {
+            1.0
+        } else {
+            self.pow2[p]
         }
     }
 
@@ -706,15 +727,23 @@ impl<'a, T: Elem> Ctx<'a, T> {
             xm,
             xp,
         } = scr;
-        let (a_i, a_j, exact) = match self.view {
+        let (a_i, a_j, mut exact) = match self.view {
             Some(v) => {
                 let exact = match T::as_f32(self.src.data) {
-                    Some(f) => Exact::Rows {
+                    Some(f) if self.src.sk == 1 => Exact::Rows {
                         ri: f,
                         rj: f,
                         i0: 0,
                         j0: 0,
-                        d,
+                    },
+                    Some(_) => Exact::Lazy {
+                        pi,
+                        pj,
+                        filled: false,
+                        i0,
+                        bi,
+                        j0,
+                        bj: if diag { 0 } else { bj },
                     },
                     None => Exact::Source,
                 };
@@ -722,16 +751,16 @@ impl<'a, T: Elem> Ctx<'a, T> {
             }
             None => {
                 if *pi_block != bi_idx {
-                    self.fill_panel(i0, bi, pi);
+                    self.fill_panel(i0, bi, pi, false);
                     *pi_block = bi_idx;
                 }
                 if !diag {
-                    self.fill_panel(j0, bj, pj);
+                    self.fill_panel(j0, bj, pj, false);
                 }
                 let ri = &pi[..bi * d];
                 let rj = if diag { ri } else { &pj[..bj * d] };
                 let exact = if self.f32_exact {
-                    Exact::Rows { ri, rj, i0, j0, d }
+                    Exact::Rows { ri, rj, i0, j0 }
                 } else {
                     Exact::Source
                 };
@@ -778,22 +807,62 @@ impl<'a, T: Elem> Ctx<'a, T> {
                     e += 1;
                 }
                 let bufs = (&mut c[..], &mut xm[..], &mut xp[..]);
-                self.segment(p, j0 + k, &col[k..e], bufs, exact, &mut part);
+                self.segment(p, j0 + k, &col[k..e], bufs, &mut exact, &mut part);
                 k = e;
             }
         }
         part
     }
 
+    /// Exact ‖ŵ_p ∓ ŵ_q‖² of two positions from contiguous rows (`ri` holds position i0, ...).
+    #[allow(clippy::too_many_arguments)]
+    fn exact_rows(
+        &self,
+        ri: &[f32],
+        rj: &[f32],
+        i0: usize,
+        j0: usize,
+        p: usize,
+        q: usize,
+        plus: bool,
+    ) -> f64 {
+        let d = self.src.d;
+        let a = &ri[(p - i0) * d..(p - i0 + 1) * d];
+        let b = &rj[(q - j0) * d..(q - j0 + 1) * d];
+        let sb = if plus { -self.scale[q] } else { self.scale[q] };
+        diff_sq_scaled(a, b, self.scale[p], sb)
+    }
+
     /// Exact ‖ŵ_p ∓ ŵ_q‖² of two positions.
-    fn exact(&self, ex: Exact<'_>, p: usize, q: usize, plus: bool) -> f64 {
+    fn exact(&self, ex: &mut Exact<'_>, p: usize, q: usize, plus: bool) -> f64 {
         match ex {
-            Exact::Rows { ri, rj, i0, j0, d } => {
-                // Direct path: positions are neuron indices into the caller's rows (i0 = j0 = 0).
-                let a = &ri[(p - i0) * d..(p - i0 + 1) * d];
-                let b = &rj[(q - j0) * d..(q - j0 + 1) * d];
-                let sb = if plus { -self.scale[q] } else { self.scale[q] };
-                diff_sq_scaled(a, b, self.scale[p], sb)
+            Exact::Rows { ri, rj, i0, j0 } => self.exact_rows(ri, rj, *i0, *j0, p, q, plus),
+            Exact::Lazy {
+                pi,
+                pj,
+                filled,
+                i0,
+                bi,
+                j0,
+                bj,
+            } => {
+                let d = self.src.d;
+                if !*filled {
+                    pi.resize(*bi * d, 0.0);
+                    self.fill_panel(*i0, *bi, pi, true);
+                    if *bj > 0 {
+                        pj.resize(*bj * d, 0.0);
+                        self.fill_panel(*j0, *bj, pj, true);
+                    }
+                    *filled = true;
+                }
+                // On a diagonal tile (bj = 0) both positions are in the I panel.
+                let (rj, j0) = if *bj > 0 {
+                    (&pj[..], *j0)
+                } else {
+                    (&pi[..], *i0)
+                };
+                self.exact_rows(pi, rj, *i0, j0, p, q, plus)
             }
             Exact::Source => {
                 let (i, j) = (self.orig[p], self.orig[q]);
@@ -809,7 +878,7 @@ impl<'a, T: Elem> Ctx<'a, T> {
         q0: usize,
         gs: &[f32],
         bufs: (&mut [f64], &mut [f64], &mut [f64]),
-        ex: Exact<'_>,
+        ex: &mut Exact<'_>,
         part: &mut Partial,
     ) {
         let len = gs.len();
@@ -854,8 +923,8 @@ impl<'a, T: Elem> Ctx<'a, T> {
             }
         }
         let (e, mn) = energy_sums(xm, self.eps);
-        for s in 0..3 {
-            part.e[s] += e[s];
+        for (acc, v) in part.e.iter_mut().zip(e) {
+            *acc += v;
         }
         if mn < part.min {
             if let Some(k) = xm.iter().position(|&v| v == mn) {
@@ -868,8 +937,8 @@ impl<'a, T: Elem> Ctx<'a, T> {
         if self.half {
             let xp = &xp[..len];
             let (e2, mn2) = energy_sums(xp, self.eps);
-            for s in 0..3 {
-                part.e[s] += e2[s];
+            for (acc, v) in part.e.iter_mut().zip(e2) {
+                *acc += v;
             }
             if mn2 < part.min {
                 if let Some(k) = xp.iter().position(|&v| v == mn2) {
@@ -1073,16 +1142,20 @@ fn he_impl<T: Elem>(data: &[T], rows: usize, cols: usize, opts: &HeOptions) -> R
     };
     let n = sel.len();
 
-    // Direct path: GEMM on the caller's f32 rows, zero neurons skipped in place. Otherwise
-    // (columns, f64 input, subsample, extreme norms): tiles of w·2^−e copied into f32 panels.
+    // Direct path: GEMM on the caller's f32 data, zero neurons skipped in place. Otherwise
+    // (f64 input, subsample, extreme norms): tiles of w·2^−e copied into f32 panels.
     let in_range = sel.iter().all(|&i| {
         let norm = 1.0 / inv[i];
         (VIEW_NORM_MIN..=VIEW_NORM_MAX).contains(&norm)
     });
     let f32_data = T::as_f32(data);
     let view = match f32_data {
-        Some(f) if !subsampled && in_range && opts.axis == NeuronAxis::Rows => {
-            Some(MatRef::from_row_major_slice(f, rows, cols))
+        Some(f) if !subsampled && in_range => {
+            let m = MatRef::from_row_major_slice(f, rows, cols);
+            Some(match opts.axis {
+                NeuronAxis::Rows => m,
+                NeuronAxis::Cols => m.transpose(),
+            })
         }
         _ => None,
     };
@@ -1137,13 +1210,14 @@ fn he_impl<T: Elem>(data: &[T], rows: usize, cols: usize, opts: &HeOptions) -> R
             let s = scr.get_or_insert_with(|| Scratch::new(&ctx));
             out.push((j, ctx.tile(s, bi, bj)));
         }
-        out
+        (out, scr.map_or(0, |s| s.bytes()))
     };
-    let lists: Vec<Vec<(usize, Partial)>> = match &pool {
+    let lists: Vec<(Vec<(usize, Partial)>, u64)> = match &pool {
         Some(p) => p.broadcast(|_| work()),
         None => vec![work()],
     };
-    let mut parts: Vec<(usize, Partial)> = lists.into_iter().flatten().collect();
+    let worker_bytes: u64 = lists.iter().map(|l| l.1).sum();
+    let mut parts: Vec<(usize, Partial)> = lists.into_iter().flat_map(|l| l.0).collect();
     parts.sort_unstable_by_key(|&(j, _)| j);
     let mut tot = Partial::new();
     for (_, p) in &parts {
@@ -1172,7 +1246,6 @@ fn he_impl<T: Elem>(data: &[T], rows: usize, cols: usize, opts: &HeOptions) -> R
             near += n as u64;
         }
     }
-    let workers = threads.min(jobs.len()).max(1);
     result.n_neurons = n;
     result.subsampled = subsampled;
     result.energy = energy;
@@ -1180,8 +1253,9 @@ fn he_impl<T: Elem>(data: &[T], rows: usize, cols: usize, opts: &HeOptions) -> R
     result.min_d2 = min_d2;
     result.frame_potential = (nf + 2.0 * tot.fp) / (nf * nf);
     result.block_size = b;
-    result.scratch_bytes = (n_total * 8 * 2 + n_pos * (8 + 1 + 8)) as u64
-        + workers as u64 * Scratch::bytes(b, d, view.is_some(), opts.half_space);
+    result.scratch_bytes =
+        (n_total * 8 + orig.len() * 8 + valid.len() + (scale.len() + pow2.len()) * 8) as u64
+            + worker_bytes;
     Ok(result)
 }
 
@@ -1532,7 +1606,13 @@ mod tests {
         let mut x = 1e-300f64;
         let mut worst = 0.0f64;
         while x < 1e300 {
-            for y in [x, x * 1.2345, x * 1.41421356, x * 0.70710678, x * 1.9999] {
+            for y in [
+                x,
+                x * 1.2345,
+                x * std::f64::consts::SQRT_2,
+                x * std::f64::consts::FRAC_1_SQRT_2,
+                x * 1.9999,
+            ] {
                 let (a, b) = (ln_pos(y), y.ln());
                 let err = if b == 0.0 {
                     a.abs()
@@ -1558,6 +1638,37 @@ mod tests {
         for y in [5e-324, 1e-310, 2.2e-308] {
             assert!(((ln_pos(y) - y.ln()) / y.ln()).abs() < 4e-16, "{y}");
         }
+    }
+
+    #[test]
+    fn dispatched_kernels_match_generic_bitwise() {
+        let g: Vec<f32> = (0..1003)
+            .map(|i| ((i * 7919 % 2003) as f32 / 1001.0) - 1.0)
+            .collect();
+        let sq: Vec<f64> = (0..1003).map(|i| 0.9 + (i % 13) as f64 * 0.017).collect();
+        let (mut c1, mut c2) = (vec![0.0; 1003], vec![0.0; 1003]);
+        let (mut m1, mut m2, mut p1, mut p2) = (c1.clone(), c1.clone(), c1.clone(), c1.clone());
+        let f1 = cos_half(&g, 0.97, &sq, 0.5, &mut c1, &mut m1, &mut p1);
+        let f2 = cos_half_body(&g, 0.97, &sq, 0.5, &mut c2, &mut m2, &mut p2);
+        assert_eq!((f1, &c1, &m1, &p1), (f2, &c2, &m2, &p2));
+        assert_eq!(
+            cos_full(&g, 0.97, &sq, 0.5, &mut c1, &mut m1),
+            f1 - (0..1003).filter(|&k| c2[k] < -0.5).count()
+        );
+        for eps in [0.0, 1e-4] {
+            let (e1, n1) = energy_sums(&m1, eps);
+            let (e2, n2) = energy_body(&m1, eps);
+            assert_eq!(
+                (e1.map(f64::to_bits), n1.to_bits()),
+                (e2.map(f64::to_bits), n2.to_bits())
+            );
+        }
+        assert_eq!(sq_sum(&c1).to_bits(), sq_sum_body(&c1).to_bits());
+        let h: Vec<f32> = g.iter().rev().copied().collect();
+        assert_eq!(
+            diff_sq_scaled(&g, &h, 0.3, -1.7).to_bits(),
+            diff_sq_body(&g, &h, 0.3, -1.7).to_bits()
+        );
     }
 
     #[test]
