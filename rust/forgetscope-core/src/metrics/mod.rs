@@ -1,4 +1,5 @@
 //! Stage 3: pure kernels and streaming accumulators (update / merge / finish).
 
 pub mod drift;
+pub mod he;
 pub(crate) mod kernels;
