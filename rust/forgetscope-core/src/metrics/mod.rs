@@ -1,4 +1,5 @@
 //! Stage 3: pure kernels and streaming accumulators (update / merge / finish).
 
+pub mod cka;
 pub mod drift;
 pub(crate) mod kernels;
