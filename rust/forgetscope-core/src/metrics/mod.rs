@@ -1,5 +1,6 @@
 //! Stage 3: pure kernels and streaming accumulators (update / merge / finish).
 
+pub mod cka;
 pub mod drift;
 pub mod he;
 pub(crate) mod kernels;
