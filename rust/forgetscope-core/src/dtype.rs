@@ -221,6 +221,13 @@ crate::simd::dispatch! {
     fn decode_f32(bytes: &[u8], out: &mut [f32]) = decode_f32_body;
 }
 
+/// bfloat16 bit patterns (e.g. a numpy `uint16` view of a torch bf16 tensor) → f32, exactly.
+pub fn bf16_bits_to_f32(bits: &[u16], out: &mut [f32]) {
+    for (o, &b) in out.iter_mut().zip(bits) {
+        *o = f32::from_bits((b as u32) << 16);
+    }
+}
+
 /// The 256-entry value table of an 8-bit float format.
 pub fn fp8_table(dtype: Dtype) -> &'static [f32; 256] {
     static E4M3: OnceLock<[f32; 256]> = OnceLock::new();

@@ -146,3 +146,68 @@ pub fn inspect_table(c: &Checkpoint) -> Table {
         ("of", Column::Str(of)),
     ]
 }
+
+/// HE along a trajectory, long format: one row per (matrix, checkpoint t ≥ 0), with the change
+/// against the base (`delta_s*` = HE_t − HE_0) on every row.
+pub fn he_table(records: &[crate::stream::he_pass::HeTrajectory]) -> Table {
+    let mut tensor = Vec::new();
+    let mut ckpt = Vec::new();
+    let mut layer = Vec::new();
+    let mut expert = Vec::new();
+    let mut kind = Vec::new();
+    let mut shape = Vec::new();
+    let mut n_neurons = Vec::new();
+    let mut n_total = Vec::new();
+    let mut n_zero = Vec::new();
+    let mut n_near_dup = Vec::new();
+    let mut f: [Vec<f64>; 8] = Default::default();
+    for r in records {
+        let base = r.per_checkpoint[0].energy;
+        for (t, h) in r.per_checkpoint.iter().enumerate() {
+            tensor.push(r.name.clone());
+            ckpt.push(t as i64);
+            layer.push(r.layer.map_or(-1, i64::from));
+            expert.push(r.expert.map_or(-1, i64::from));
+            kind.push(r.kind.clone());
+            shape.push(shape_str(&r.shape));
+            n_neurons.push(h.n_neurons as i64);
+            n_total.push(h.n_total as i64);
+            n_zero.push(h.n_zero as i64);
+            n_near_dup.push(h.n_near_dup as i64);
+            let vals = [
+                h.energy[0],
+                h.energy[1],
+                h.energy[2],
+                h.energy[0] - base[0],
+                h.energy[1] - base[1],
+                h.energy[2] - base[2],
+                h.min_d2,
+                h.frame_potential,
+            ];
+            for (col, v) in f.iter_mut().zip(vals) {
+                col.push(v);
+            }
+        }
+    }
+    let [e0, e1, e2, d0, d1, d2, min_d2, frame] = f;
+    vec![
+        ("tensor", Column::Str(tensor)),
+        ("checkpoint", Column::I64(ckpt)),
+        ("layer", Column::I64(layer)),
+        ("expert", Column::I64(expert)),
+        ("kind", Column::Str(kind)),
+        ("shape", Column::Str(shape)),
+        ("n_neurons", Column::I64(n_neurons)),
+        ("n_total", Column::I64(n_total)),
+        ("n_zero", Column::I64(n_zero)),
+        ("energy_s0", Column::F64(e0)),
+        ("energy_s1", Column::F64(e1)),
+        ("energy_s2", Column::F64(e2)),
+        ("delta_s0", Column::F64(d0)),
+        ("delta_s1", Column::F64(d1)),
+        ("delta_s2", Column::F64(d2)),
+        ("n_near_dup", Column::I64(n_near_dup)),
+        ("min_d2", Column::F64(min_d2)),
+        ("frame_potential", Column::F64(frame)),
+    ]
+}

@@ -4,6 +4,7 @@
 
 mod convert;
 mod errors;
+mod metrics;
 mod run;
 
 use std::path::PathBuf;
@@ -43,6 +44,60 @@ fn trajectory<'py>(
     })?;
     let table = core::table::trajectory_table(&report);
     Ok((table_to_dict(py, table)?, report.meta_json()))
+}
+
+/// Hyperspherical energy of every 2-D weight along a trajectory (same sampled neurons in each
+/// checkpoint); returns `(columns, meta_json)`.
+#[pyfunction]
+#[pyo3(signature = (paths, *, threads=0, memory_budget=core::stream::DEFAULT_MEMORY_BUDGET, allow_external_symlinks=false, progress=None, max_neurons=4096, half_space=false, seed=0))]
+#[allow(clippy::too_many_arguments)]
+fn he_trajectory<'py>(
+    py: Python<'py>,
+    paths: Vec<PathBuf>,
+    threads: usize,
+    memory_budget: u64,
+    allow_external_symlinks: bool,
+    progress: Option<Bound<'py, PyAny>>,
+    max_neurons: usize,
+    half_space: bool,
+    seed: u64,
+) -> PyResult<(Bound<'py, PyAny>, String)> {
+    use core::metrics::he::HeOptions;
+    use core::stream::he_pass::{he_trajectory as run, HePassOptions};
+    let opts = RunOptions {
+        threads,
+        memory_budget,
+        open: OpenOptions {
+            allow_external_symlinks,
+        },
+        chunk_bytes: None,
+    };
+    let he = HePassOptions {
+        he: HeOptions {
+            half_space,
+            seed,
+            ..HeOptions::default()
+        },
+        max_neurons,
+    };
+    let (records, skipped) = run_detached(py, progress.as_ref(), move |control| {
+        run(&paths, &opts, &he, control)
+    })?;
+    let meta = serde_json::json!({
+        "schema_version": core::results::SCHEMA_VERSION,
+        "skipped": skipped,
+        "conventions": {
+            "hyperspherical_energy": records.first().map(|r| r.per_checkpoint[0].convention).unwrap_or(""),
+            "neurons": "rows of each [out, in] matrix; the same seeded sample of rows in every checkpoint",
+            "max_neurons": max_neurons,
+            "seed": seed,
+            "delta": "delta_s* = HE_t - HE_0 on the same sampled neurons",
+        },
+    });
+    Ok((
+        table_to_dict(py, core::table::he_table(&records))?,
+        meta.to_string(),
+    ))
 }
 
 /// Open and validate a checkpoint; returns `(columns, meta_json)` listing every stored tensor.
@@ -112,5 +167,18 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(read_tensor, m)?)?;
     m.add_function(wrap_pyfunction!(fp8_table, m)?)?;
+    m.add_function(wrap_pyfunction!(he_trajectory, m)?)?;
+    m.add_function(wrap_pyfunction!(metrics::hyperspherical_energy, m)?)?;
+    m.add_function(wrap_pyfunction!(metrics::principal_directions, m)?)?;
+    m.add_function(wrap_pyfunction!(metrics::linear_cka, m)?)?;
+    m.add_function(wrap_pyfunction!(metrics::rbf_cka, m)?)?;
+    m.add_function(wrap_pyfunction!(metrics::cka_matrix, m)?)?;
+    m.add_function(wrap_pyfunction!(metrics::mean_pairwise_cosine, m)?)?;
+    m.add_function(wrap_pyfunction!(
+        metrics::covariance_participation_ratio,
+        m
+    )?)?;
+    m.add_class::<metrics::PyStreamingCka>()?;
+    m.add_class::<metrics::PyMinibatchCka>()?;
     Ok(())
 }

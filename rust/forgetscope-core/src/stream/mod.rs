@@ -3,8 +3,10 @@
 
 mod budget;
 mod driver;
+pub mod he_pass;
 mod plan;
 mod reader;
+pub mod rows;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
