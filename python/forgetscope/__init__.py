@@ -5,7 +5,7 @@ core and reports how every tensor moved. This module never imports torch.
 """
 
 from ._core import __version__
-from .api import inspect, parse_size, read_tensor, trajectory
+from .api import analyze, inspect, parse_size, read_tensor, trajectory
 from .exceptions import (
     CheckpointNotFoundError,
     CheckpointPermissionError,
@@ -14,11 +14,14 @@ from .exceptions import (
     UnsafePathError,
     UsageError,
 )
-from .results import Inspection, TrajectoryResults, load_results
+from .results import Analysis, HEResults, Inspection, TrajectoryResults, load_results
 
 __all__ = [
     "__version__",
     "trajectory",
+    "analyze",
+    "Analysis",
+    "HEResults",
     "inspect",
     "read_tensor",
     "parse_size",

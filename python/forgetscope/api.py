@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _core
 from .exceptions import UsageError
-from .results import Inspection, TrajectoryResults
+from .results import Analysis, HEResults, Inspection, TrajectoryResults
 
 PathLike = Union[str, "os.PathLike[str]"]
 ProgressFn = Callable[[int, int, int, int], object]
@@ -140,3 +140,47 @@ def read_tensor(
     return _core.read_tensor(
         os.fspath(path), name, allow_external_symlinks=allow_external_symlinks, max_bytes=parse_size(max_bytes)
     )
+
+
+def analyze(
+    base: PathLike,
+    *checkpoints: PathLike,
+    he: bool = True,
+    he_max_neurons: int = 4096,
+    he_half_space: bool = False,
+    seed: int = 0,
+    threads: Optional[int] = None,
+    memory_budget: Union[int, str] = DEFAULT_MEMORY_BUDGET,
+    allow_external_symlinks: bool = False,
+    progress: Optional[Callable[[str], Optional[ProgressFn]]] = None,
+) -> Analysis:
+    """Weight trajectory (when there are ≥ 2 checkpoints) and hyperspherical energy along it.
+
+    HE is computed for every 2-D weight in every checkpoint on the same seeded sample of at most
+    ``he_max_neurons`` rows, so ``delta_s*`` = HE_t − HE_0 compares the same neurons.
+
+    Args:
+        base: the reference checkpoint.
+        *checkpoints: later checkpoints, in order (none: HE of the base only).
+        he: compute hyperspherical energy (compute-bound: about N²·d flops per matrix).
+        he_max_neurons: rows sampled per matrix (0 = all).
+        he_half_space: the sign-invariant variant.
+        seed: sampling seed.
+        progress: ``progress(stage)`` returns the progress callback for that stage ("trajectory", "he").
+    """
+    paths = [os.fspath(p) for p in (base, *checkpoints)]
+    th = resolve_threads(threads)
+    budget = parse_size(memory_budget)
+    stage = progress or (lambda _name: None)
+    traj = None
+    if checkpoints:
+        traj = trajectory(base, *checkpoints, threads=th or None, memory_budget=budget,
+                          allow_external_symlinks=allow_external_symlinks, progress=stage("trajectory"))
+    he_res = None
+    if he:
+        cols, meta = _core.he_trajectory(
+            paths, threads=th, memory_budget=budget, allow_external_symlinks=allow_external_symlinks,
+            progress=stage("he"), max_neurons=he_max_neurons, half_space=he_half_space, seed=seed,
+        )
+        he_res = HEResults(cols, json.loads(meta))
+    return Analysis(traj, he_res)

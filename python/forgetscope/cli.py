@@ -60,7 +60,45 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--metric", default="rel_delta", choices=["rel_delta", "fro_delta", "one_minus_cos", "step_drift", "path_length"],
                    help="metric ranking the top movers (default rel_delta)")
     _common_run(t)
+    a = sub.add_parser("analyze", help="weight trajectory plus hyperspherical energy along it; writes tables to -o DIR")
+    a.add_argument("base", help="the reference checkpoint")
+    a.add_argument("checkpoints", nargs="*", help="later checkpoints, in order (none: HE of the base only)")
+    a.add_argument("-o", "--output", help="directory for trajectory.{json,csv} and hyperspherical_energy.{json,csv}")
+    a.add_argument("--format", action="append", choices=["json", "csv", "parquet"], help="output formats (default json and csv)")
+    a.add_argument("--no-he", action="store_true", help="skip hyperspherical energy")
+    a.add_argument("--he-max-neurons", type=int, default=4096, help="rows sampled per matrix for HE (0 = all; default 4096)")
+    a.add_argument("--he-half-space", action="store_true", help="sign-invariant (half-space) HE")
+    a.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    a.add_argument("--top", type=int, default=1, help="entries shown per layer (default 1)")
+    _common_run(a)
     return p
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from .api import analyze
+
+    bars: List[ProgressBar] = []
+
+    def stage(name: str) -> ProgressBar:
+        if bars:
+            bars[-1].close()
+        bars.append(ProgressBar(label=f"{name} ", enabled=None if not args.quiet else False))
+        return bars[-1]
+
+    try:
+        res = analyze(
+            args.base, *args.checkpoints, he=not args.no_he, he_max_neurons=args.he_max_neurons,
+            he_half_space=args.he_half_space, seed=args.seed, threads=args.threads,
+            memory_budget=args.memory_budget, allow_external_symlinks=args.allow_external_symlinks, progress=stage,
+        )
+    finally:
+        for b in bars:
+            b.close()
+    if args.output:
+        res.save(args.output, formats=args.format or ("json", "csv"))
+    if not args.quiet:
+        print(res.summary(top=args.top))
+    return EXIT_OK
 
 
 def _run_trajectory(paths: Sequence[str], args: argparse.Namespace) -> int:
@@ -115,7 +153,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
-        handler = {"demo": _cmd_demo, "inspect": _cmd_inspect, "trajectory": lambda a: _run_trajectory([a.base, *a.checkpoints], a)}
+        handler = {"demo": _cmd_demo, "inspect": _cmd_inspect, "analyze": _cmd_analyze, "trajectory": lambda a: _run_trajectory([a.base, *a.checkpoints], a)}
         return handler[args.command](args)
     except KeyboardInterrupt:
         print("forgetscope: interrupted", file=sys.stderr)

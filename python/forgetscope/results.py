@@ -273,6 +273,75 @@ class Inspection(_Table):
         return "\n".join(lines)
 
 
+class HEResults(_Table):
+    """Hyperspherical energy of every 2-D weight along a trajectory: one row per (matrix, checkpoint t ≥ 0).
+
+    Columns: ``tensor, checkpoint, layer, expert, kind, shape, n_neurons, n_total, n_zero,
+    energy_s0, energy_s1, energy_s2, delta_s0, delta_s1, delta_s2, n_near_dup, min_d2,
+    frame_potential``; ``delta_s*`` = HE_t − HE_0 on the same sampled neurons.
+    """
+
+    kind = "hyperspherical_energy"
+
+    def top_changes(self, per_layer: int = 1, s: int = 1) -> List[Dict[str, Any]]:
+        """The matrices whose HE changed most (|ΔHE_s| at the last checkpoint), per layer."""
+        ck = np.asarray(self.columns["checkpoint"])
+        if not len(ck) or ck.max() == 0:
+            return []
+        last = ck == ck.max()
+        delta = np.asarray(self.columns[f"delta_s{s}"], dtype=np.float64)
+        layers = np.asarray(self.columns["layer"])
+        out: List[Dict[str, Any]] = []
+        for layer in sorted(set(layers[last].tolist())):
+            idx = np.nonzero(last & (layers == layer) & np.isfinite(delta))[0]
+            idx = idx[np.argsort(-np.abs(delta[idx]), kind="stable")][:per_layer]
+            out += [{"layer": int(layer), "tensor": self.columns["tensor"][i], f"delta_s{s}": float(delta[i])} for i in idx]
+        return out
+
+    def summary(self, top: int = 1) -> str:
+        lines = [f"hyperspherical energy of {len(set(self.columns['tensor']))} matrices "
+                 f"(s = 1 shown; {self.meta['conventions']['neurons']})"]
+        sk = self.meta.get("skipped", [])
+        if sk:
+            lines.append(f"skipped {len(sk)} tensor(s) (e.g. {escape(sk[0]['name'])}: {escape(sk[0]['reason'])})")
+        changes = self.top_changes(top)
+        if changes:
+            lines.append("largest HE change per layer (delta_s1 = HE_t - HE_0, last checkpoint):")
+            for r in changes:
+                layer = "-" if r["layer"] < 0 else str(r["layer"])
+                lines.append(f"  layer {layer:>4}  {r['delta_s1']:+.3e}  {escape(r['tensor'])}")
+        return "\n".join(lines)
+
+
+class Analysis:
+    """What ``forgetscope analyze`` computes: the weight trajectory and HE along it."""
+
+    def __init__(self, trajectory: Optional[TrajectoryResults], he: Optional[HEResults]) -> None:
+        self.trajectory = trajectory
+        self.he = he
+
+    def save(self, directory: PathLike, formats: Sequence[str] = ("json", "csv")) -> List[Path]:
+        """Write ``trajectory.*`` and ``hyperspherical_energy.*`` into ``directory`` (atomically, each file)."""
+        out = []
+        d = Path(directory)
+        for name, table in (("trajectory", self.trajectory), ("hyperspherical_energy", self.he)):
+            if table is None:
+                continue
+            for fmt in formats:
+                p = d / f"{name}.{fmt}"
+                table.save(p)
+                out.append(p)
+        return out
+
+    def summary(self, top: int = 1) -> str:
+        parts = []
+        if self.trajectory is not None:
+            parts.append(self.trajectory.summary(top=top))
+        if self.he is not None:
+            parts.append(self.he.summary(top=top))
+        return "\n".join(parts)
+
+
 def load_results(path: PathLike) -> _Table:
     """Load results written by ``to_json``."""
     with open(path, encoding="utf-8") as f:
@@ -289,5 +358,5 @@ def load_results(path: PathLike) -> _Table:
             cols[n] = np.asarray(vals, dtype=np.int64)
         else:
             cols[n] = np.asarray([np.nan if v is None else v for v in vals], dtype=np.float64)
-    cls = TrajectoryResults if kind == "trajectory" else Inspection
+    cls = {"trajectory": TrajectoryResults, "hyperspherical_energy": HEResults}.get(kind, Inspection)
     return cls(cols, d)
