@@ -53,6 +53,15 @@ def _threads(threads: Optional[int]) -> int:
     return resolve_threads(threads)
 
 
+def _nonneg(name: str, value: Optional[int], minimum: int = 0) -> Optional[int]:
+    """Integer options are checked here so a negative value is a UsageError, not an OverflowError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class HEResult:
     """Hyperspherical energy of a set of neurons (METRICS.md §3).
@@ -112,6 +121,8 @@ def hyperspherical_energy(
     0.5
     """
     a, tag = _matrix(w, dtype)
+    max_neurons = _nonneg("max_neurons", max_neurons, 1)
+    seed = _nonneg("seed", seed)
     kw = {} if eps is None else {"eps": float(eps)}
     d = _core.hyperspherical_energy(
         a, axis=axis, half_space=half_space, max_neurons=max_neurons, seed=seed,
@@ -209,7 +220,7 @@ class StreamingCKA:
     """
 
     def __init__(self, p: int, q: int) -> None:
-        self._inner = _core.StreamingCKA(p, q)
+        self._inner = _core.StreamingCKA(_nonneg("p", p, 1), _nonneg("q", q, 1))
 
     def update(self, x: Any, y: Any, *, dtype: Optional[str] = None) -> None:
         """Add a batch of paired rows ``x [b, p]``, ``y [b, q]``."""
