@@ -19,7 +19,7 @@ use super::{as_paths, Control, RunOptions};
 use crate::error::{Error, Result};
 use crate::layout::parse_name;
 use crate::metrics::he::{hyperspherical_energy, HeOptions, HeResult};
-use crate::source::open_checkpoint;
+use crate::source::{open_checkpoint, LogicalTensor};
 
 /// Options of the HE pass.
 #[derive(Debug, Clone)]
@@ -97,54 +97,53 @@ pub fn he_trajectory(
         .iter()
         .map(|p| open_checkpoint(p, &opts.open))
         .collect::<Result<_>>()?;
-    let plan = if ckpts.len() >= 2 {
+    // (name, the tensor in each checkpoint): paired across checkpoints, or the base's own list.
+    let items: Vec<(String, Vec<LogicalTensor>)> = if ckpts.len() >= 2 {
         plan_trajectory(&ckpts, &budget)
+            .tensors
+            .into_iter()
+            .map(|t| (t.name, t.per_ckpt))
+            .collect()
     } else {
-        // A single checkpoint: pair it with itself for the tensor list.
-        let single = [
-            open_checkpoint(&paths[0], &opts.open)?,
-            open_checkpoint(&paths[0], &opts.open)?,
-        ];
-        let mut p = plan_trajectory(&single, &budget);
-        p.tensors.iter_mut().for_each(|t| t.per_ckpt.truncate(1));
-        p
+        ckpts[0]
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), vec![t.clone()]))
+            .collect()
     };
     let mut out = Vec::new();
     let mut skipped = Vec::new();
-    let matrices: Vec<_> = plan
-        .tensors
+    for (name, per) in &items {
+        if per[0].shape.len() == 3 {
+            skipped.push(HeSkipped {
+                name: name.clone(),
+                reason:
+                    "3-D fused expert tensor: per-expert HE needs the family's layout (neuron axis)"
+                        .into(),
+            });
+        }
+    }
+    let matrices: Vec<_> = items
         .iter()
-        .filter(|t| t.per_ckpt[0].shape.len() == 2)
+        .filter(|(_, per)| per[0].shape.len() == 2)
         .collect();
     control
         .total_tensors
         .store(matrices.len() as u64, Ordering::Relaxed);
-    for pt in plan
-        .tensors
-        .iter()
-        .filter(|t| t.per_ckpt[0].shape.len() == 3)
-    {
-        skipped.push(HeSkipped {
-            name: pt.name.clone(),
-            reason:
-                "3-D fused expert tensor: per-expert HE needs the family's layout (neuron axis)"
-                    .into(),
-        });
-    }
     let he_opts = HeOptions {
         max_neurons: None,
         threads,
         ..he.he.clone()
     };
-    for pt in matrices {
+    for (name, per_ckpt) in matrices {
         if control.is_cancelled() {
             return Err(Error::Cancelled);
         }
-        let shape = pt.per_ckpt[0].shape.clone();
+        let shape = per_ckpt[0].shape.clone();
         let (rows, cols) = (shape[0] as usize, shape[1] as usize);
         if rows < 2 || cols == 0 {
             skipped.push(HeSkipped {
-                name: pt.name.clone(),
+                name: name.clone(),
                 reason: format!("shape {shape:?} has fewer than 2 neurons"),
             });
             continue;
@@ -157,8 +156,8 @@ pub fn he_trajectory(
         }
         .min(fit);
         let sample = sample_indices(rows, k, he.he.seed);
-        let mut per = Vec::with_capacity(pt.per_ckpt.len());
-        for (c, t) in pt.per_ckpt.iter().enumerate() {
+        let mut per = Vec::with_capacity(per_ckpt.len());
+        for (c, t) in per_ckpt.iter().enumerate() {
             let data = read_rows(&ckpts[c], t, &sample)?;
             let mut r = hyperspherical_energy(&data, sample.len(), cols, &he_opts)?;
             r.n_total = rows;
@@ -170,9 +169,9 @@ pub fn he_trajectory(
             );
         }
         control.done_tensors.fetch_add(1, Ordering::Relaxed);
-        let info = parse_name(&pt.name);
+        let info = parse_name(name);
         out.push(HeTrajectory {
-            name: pt.name.clone(),
+            name: name.clone(),
             layer: info.layer,
             expert: info.expert,
             kind: info.kind.to_string(),
