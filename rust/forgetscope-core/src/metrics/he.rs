@@ -56,17 +56,21 @@
 //! **Cost.** N²d/2 multiply-adds (N²d flops) in GEMM + N²/2 logarithms, divisions and square roots
 //! (N(N−1) of each in half-space) in f64, + O(d) per recomputed pair. Extra memory per worker:
 //! one B×B f32 tile and three B-long f64 row buffers (direct path, B = 1024: 4 MiB); on the panel
-//! path also two B×d f32 panels, B shrinking so that a worker stays within 28 MiB (B = 784 at
-//! d = 4096). Plus O(N) norms and indices. Measured at N = 14336, d = 4096, 2 workers: 13 MiB peak RSS growth
-//! (including faer's packing buffers), at 98% of faer's plain f32 GEMM rate for the same Gram
-//! (`examples/he_speed.rs`).
+//! path also two B×d f32 panels, B shrinking so that a worker stays within 28 MiB (B = 800 at
+//! d = 4096). Plus O(N) norms and indices. Measured at N = 14336, d = 4096 on 2 cores
+//! (`examples/he_speed.rs`, best of 2 on a shared machine): rows 273 GFLOP/s (N²d counted) and
+//! 13 MiB peak RSS growth including faer's packing buffers, i.e. 94% of faer's f32 GEMM for the
+//! same Gram run as one single-threaded product per core (290) and 114% of faer's own threaded
+//! GEMM (239); half-space 258 GFLOP/s; columns 216 GFLOP/s with 60 MiB.
 //!
 //! **Principal directions** ([`principal_directions`], METRICS §3.5, `project_B_into_soft_dirs` in
 //! PlusLabNLP/SPHERE): eigen-decomposition of C = ÂᵀÂ/N (Â = unit neurons, zero neurons excluded,
 //! so tr C = 1; SPHERE divides by ‖w‖ + 1e-8 instead, a relative difference below 1e-8 for real
 //! weights). When N ≤ d it decomposes the N×N Gram ÂÂᵀ = QΛQᵀ (eig(C) = Λ/N, V = ÂᵀQΛ^{−1/2}),
 //! else the d×d C; both accumulated in f64 (faer f64 GEMM, lower triangle) and decomposed in f64.
-//! Cost O(N·d·min(N,d)) + O(min(N,d)³), memory 2 min(N,d)² f64 + a 16 MiB panel.
+//! Cost O(N·d·min(N,d)) + O(min(N,d)³); peak memory ≈ 5·min(N,d)² f64 (faer's eigensolver
+//! holds the input, the eigenvectors and its workspace) + 16 MiB panels + the f32 output.
+//! Measured on 2 cores: 4096×14336 (Gram route) 20 s, 14336×4096 (covariance) 17 s, 628 MiB.
 
 #![deny(missing_docs)]
 
@@ -1570,10 +1574,18 @@ fn pd_solve<T: Elem>(
     }
     let r = (count + 1).min(num_rank);
 
-    // Top-r eigenvectors of C as a d × r f64 matrix (column t ↔ t-th largest eigenvalue).
-    let mut v = Mat::<f64>::zeros(d, r);
+    // Top-r eigenvectors of C into a row-major d × r f32 matrix (column t ↔ t-th largest
+    // eigenvalue), then each column signed so that its largest-magnitude entry is positive.
+    let mut directions = vec![0f32; d * r];
+    let mut best = vec![(0.0f64, false); r]; // (max |v_kt|, negative) in k order
+    let mut put = |k: usize, t: usize, x: f64| {
+        if x.abs() > best[t].0 {
+            best[t] = (x.abs(), x < 0.0);
+        }
+        directions[k * r + t] = x as f32;
+    };
     if gram {
-        // V = Âᵀ Q_r Λ_r^{−1/2}, panel by panel over d.
+        // V = Âᵀ Q_r Λ_r^{−1/2}, a panel of rows of V at a time (never all of V in f64).
         let mut q = Mat::<f64>::zeros(n, r);
         for t in 0..r {
             let col = m - 1 - t;
@@ -1582,43 +1594,41 @@ fn pd_solve<T: Elem>(
                 q[(i, t)] = u[(i, col)] * scale;
             }
         }
-        let kc = panel_chunk(n, d);
+        drop(u);
+        let kc = panel_chunk(n.max(r), d);
         let mut p = Mat::<f64>::zeros(n, kc);
+        let mut vc = Mat::<f64>::zeros(kc, r);
         let mut k0 = 0;
         while k0 < d {
             let len = kc.min(d - k0);
             fill_cols(src, sel, inv, k0, p.as_mut().subcols_mut(0, len));
             matmul(
-                v.as_mut().subrows_mut(k0, len),
+                vc.as_mut().subrows_mut(0, len),
                 Accum::Replace,
                 p.as_ref().subcols(0, len).transpose(),
                 q.as_ref(),
                 1.0f64,
                 par,
             );
+            for k in 0..len {
+                for t in 0..r {
+                    put(k0 + k, t, vc[(k, t)]);
+                }
+            }
             k0 += len;
         }
     } else {
-        for t in 0..r {
-            let col = m - 1 - t;
-            for k in 0..d {
-                v[(k, t)] = u[(k, col)];
+        for k in 0..d {
+            for t in 0..r {
+                put(k, t, u[(k, m - 1 - t)]);
             }
         }
     }
-    let mut directions = vec![0f32; d * r];
-    for t in 0..r {
-        let mut best = 0.0f64;
-        let mut sign = 1.0f64;
-        for k in 0..d {
-            let x = v[(k, t)];
-            if x.abs() > best {
-                best = x.abs();
-                sign = if x < 0.0 { -1.0 } else { 1.0 };
+    for row in directions.chunks_exact_mut(r) {
+        for (x, &(_, neg)) in row.iter_mut().zip(&best) {
+            if neg {
+                *x = -*x;
             }
-        }
-        for k in 0..d {
-            directions[k * r + t] = (sign * v[(k, t)]) as f32;
         }
     }
     Ok((eigenvalues, r, directions))
