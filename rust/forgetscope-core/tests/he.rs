@@ -779,6 +779,39 @@ fn columns_equal_rows_of_transpose() {
         assert_eq!(b.n_neurons, n);
         assert_eq!(b.dim, d);
     }
+    // Subsampling picks the same neurons whatever the axis; f64 input too.
+    let (n, d) = (300, 37);
+    let w = gauss(24, n * d);
+    let t = transpose(&w, n, d);
+    let sub = HeOptions {
+        max_neurons: Some(170),
+        seed: 3,
+        ..opts()
+    };
+    let a = he(&w, n, d, &sub);
+    let b = he(
+        &t,
+        d,
+        n,
+        &HeOptions {
+            axis: NeuronAxis::Cols,
+            ..sub.clone()
+        },
+    );
+    assert!(a.subsampled && b.subsampled);
+    assert_close(a.energy, b.energy, 1e-9, "cols, subsampled");
+    let t64: Vec<f64> = t.iter().map(|&x| x as f64).collect();
+    let c = hyperspherical_energy_f64(
+        &t64,
+        d,
+        n,
+        &HeOptions {
+            axis: NeuronAxis::Cols,
+            ..opts()
+        },
+    )
+    .unwrap();
+    assert_close(c.energy, he(&w, n, d, &opts()).energy, 1e-6, "cols, f64");
 }
 
 #[test]

@@ -30,33 +30,47 @@
 //! (`n_zero`); a non-finite value makes every metric NaN (`n_nonfinite`), never silently filtered.
 //!
 //! **Algorithm** (§3.2). Norms in f64. The Gram matrix is formed tile by tile, G_IJ = W_I W_Jᵀ, by
-//! faer's f32 GEMM (only the strict lower triangle for I = J), directly on the caller's data when it
-//! is f32 with norms in [2⁻⁴⁰, 2⁴⁰] (cos = G_ij/(‖w_i‖‖w_j‖) in f64; no copy of the matrix), else
-//! on tiles of f64-normalised neurons rounded to f32 (f64 input, subsampling, extreme norms).
-//! Each tile is turned into d² = 2 − 2·clamp(cos, −1, 1) in f64 and accumulated in f64.
+//! faer's f32 GEMM (only the strict lower triangle for I = J), and each Gram column is turned into
+//! cos = clamp(G_ij·s_i·s_j, −1, 1) and d² = 2 − 2cos in f64, then accumulated in f64.
+//! - *Direct path* (f32 rows, no subsample, norms in [2⁻⁴⁰, 2⁴⁰]): the GEMM reads the caller's
+//!   matrix in place, s = 1/‖w‖ in f64. No copy.
+//! - *Panel path* (columns, f64 input, subsampling, extreme norms): each tile's neurons are copied
+//!   as w·2⁻ᵉ (a power of two, so exact for f32 input) into row-major f32 panels, s = 2ᵉ/‖w‖.
+//!   (faer's GEMM straight on a transposed view runs at less than half the rate.)
+//!
 //! `2 − 2cos` cancels catastrophically for near-duplicates (an f32 Gram turns a true d² = 4e-9 into
-//! 0), so every pair with cos > `near_dup_cos`, or whose Gram d² is below 2·max(`eps`,
-//! `near_dup_d2`), is recomputed exactly as ‖ŵ_i − ŵ_j‖² from f64-normalised neurons (for the
-//! half-space side, pairs with cos < −threshold: ‖ŵ_i + ŵ_j‖²). `n_near_dup` and the clamp are
-//! therefore always decided on exact distances, and `min_d2` is recomputed exactly for the pair
-//! that attains it.
+//! 0) and the f32 Gram's ~1e-7 absolute error in cos is a relative error ~1e-7/(1 − cos) in d², so
+//! every pair with cos > `near_dup_cos` (default 0.9), or whose Gram d² is below
+//! 2·max(`eps`, `near_dup_d2`), is recomputed exactly as Σ_k (w_ik/‖w_i‖ − w_jk/‖w_j‖)² in f64
+//! from contiguous f32 rows (the caller's rows or the panels); f64 input reads its own values. In half-space, pairs with cos < −threshold get ‖ŵ_i + ŵ_j‖² the same way. `n_near_dup`
+//! and the clamp are therefore decided on exact distances, and `min_d2` is recomputed exactly for
+//! the pair that attains it. Every other d² is within ~1e-6 relative, so the means agree with an
+//! all-f64 computation to ~1e-6 or better (property-tested).
 //!
 //! **Determinism.** Tiles are jobs handed to a dedicated rayon pool; each tile runs a sequential
-//! GEMM and fixed-order f64 reductions, and per-tile sums are merged in tile order, so the result
-//! is bit-identical for every thread count. The tile size depends on (N, d) only, never on threads.
+//! GEMM and fixed-order f64 reductions (8 lanes, no FMA, identical on the AVX2 and generic paths),
+//! and per-tile sums are merged in tile order, so the result is bit-identical for every thread
+//! count. The tile size depends on (N, d) only, never on threads. Different tile sizes agree to
+//! ~1e-9 relative, not bitwise (faer's kernels round differently for different tile shapes).
 //!
 //! **Cost.** N²d/2 multiply-adds (N²d flops) in GEMM + N²/2 logarithms, divisions and square roots
-//! (N(N−1) of each in half-space) in f64, + O(d) per recomputed pair. Extra memory: per worker, one
-//! B×B f32 tile (B = 1024: 4 MiB) and three B-long f64 row buffers, plus two B×d f32 panels on the
-//! normalised-copy path (B shrinks so a worker stays under 32 MiB), plus O(N) norms and indices.
-//! At N = 14336, d = 4096 on 2 workers: about 8 MiB plus faer's packing buffers.
+//! (N(N−1) of each in half-space) in f64, + O(d) per recomputed pair. Extra memory per worker:
+//! one B×B f32 tile and three B-long f64 row buffers (direct path, B = 1024: 4 MiB); on the panel
+//! path also two B×d f32 panels, B shrinking so that a worker stays within 28 MiB (B = 800 at
+//! d = 4096). Plus O(N) norms and indices. Measured at N = 14336, d = 4096 on 2 cores
+//! (`examples/he_speed.rs`, best of 2 on a shared machine): rows 273 GFLOP/s (N²d counted) and
+//! 13 MiB peak RSS growth including faer's packing buffers, i.e. 94% of faer's f32 GEMM for the
+//! same Gram run as one single-threaded product per core (290) and 114% of faer's own threaded
+//! GEMM (239); half-space 258 GFLOP/s; columns 216 GFLOP/s with 60 MiB.
 //!
 //! **Principal directions** ([`principal_directions`], METRICS §3.5, `project_B_into_soft_dirs` in
 //! PlusLabNLP/SPHERE): eigen-decomposition of C = ÂᵀÂ/N (Â = unit neurons, zero neurons excluded,
 //! so tr C = 1; SPHERE divides by ‖w‖ + 1e-8 instead, a relative difference below 1e-8 for real
 //! weights). When N ≤ d it decomposes the N×N Gram ÂÂᵀ = QΛQᵀ (eig(C) = Λ/N, V = ÂᵀQΛ^{−1/2}),
 //! else the d×d C; both accumulated in f64 (faer f64 GEMM, lower triangle) and decomposed in f64.
-//! Cost O(N·d·min(N,d)) + O(min(N,d)³), memory 2 min(N,d)² f64 + a 16 MiB panel.
+//! Cost O(N·d·min(N,d)) + O(min(N,d)³); peak memory ≈ 5·min(N,d)² f64 (faer's eigensolver
+//! holds the input, the eigenvectors and its workspace) + 16 MiB panels + the f32 output.
+//! Measured on 2 cores: 4096×14336 (Gram route) 20 s, 14336×4096 (covariance) 17 s, 628 MiB.
 
 #![deny(missing_docs)]
 
@@ -232,12 +246,29 @@ pub fn hyperspherical_energy_f64(
 trait Elem: Copy + Send + Sync + 'static {
     fn f64(self) -> f64;
     fn as_f32(data: &[Self]) -> Option<&[f32]>;
+    /// `self · f` rounded to f32, for f a power of two (exact for f32 input).
+    fn scale_pow2(self, f: f64) -> f32;
+    /// `self` rounded to f32.
+    fn to_f32(self) -> f32;
 }
 
 impl Elem for f32 {
     #[inline(always)]
     fn f64(self) -> f64 {
         self as f64
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn scale_pow2(self, f: f64) -> f32 {
+        // Multiplying by a power of two rounds once either way; in f32 when 2^±e is normal.
+        if (f32::MIN_POSITIVE as f64..=f32::MAX as f64).contains(&f) {
+            self * f as f32
+        } else {
+            (self as f64 * f) as f32
+        }
     }
     fn as_f32(data: &[f32]) -> Option<&[f32]> {
         Some(data)
@@ -248,6 +279,14 @@ impl Elem for f64 {
     #[inline(always)]
     fn f64(self) -> f64 {
         self
+    }
+    #[inline(always)]
+    fn scale_pow2(self, f: f64) -> f32 {
+        (self * f) as f32
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
     }
     fn as_f32(_: &[f64]) -> Option<&[f32]> {
         None
@@ -595,11 +634,10 @@ struct Ctx<'a, T> {
     src: Src<'a, T>,
     /// 1/‖w‖ per original neuron (0 for zero neurons).
     inv: &'a [f64],
-    /// Direct path: the N_total × d neuron matrix over the caller's f32 data.
+    /// Direct path: the N_total × d neuron matrix over the caller's f32 rows.
     view: Option<MatRef<'a, f32>>,
     /// The caller's data is f32: exact distances are then taken from contiguous f32 rows (the
-    /// caller's rows, exact copies of its columns, or the panels' exactly power-of-two-scaled
-    /// copies).
+    /// caller's rows, or the panels' exactly power-of-two-scaled copies).
     f32_exact: bool,
     /// Position → original neuron.
     orig: &'a [usize],
@@ -652,64 +690,83 @@ impl Scratch {
 
 /// Where the exact distance of a flagged pair comes from.
 enum Exact<'b> {
-    /// Contiguous f32 rows: the caller's (direct path) or the panels (f32 input).
+    /// f32 rows: the caller's (direct path) or the panels (f32 input). Element k of position p
+    /// is `ri[(p − i0)·rs[0] + k·ks[0]]` (likewise for q in `rj` with index 1).
     Rows {
         ri: &'b [f32],
         rj: &'b [f32],
         i0: usize,
         j0: usize,
-    },
-    /// Direct path over columns: exact copies of the tile's columns, made on the first
-    /// near-duplicate of the tile.
-    Lazy {
-        pi: &'b mut Vec<f32>,
-        pj: &'b mut Vec<f32>,
-        filled: bool,
-        i0: usize,
-        bi: usize,
-        j0: usize,
-        bj: usize,
+        rs: [usize; 2],
+        ks: [usize; 2],
     },
     /// The caller's data through [`Src::exact_d2`] (f64 input).
     Source,
 }
 
 impl<'a, T: Elem> Ctx<'a, T> {
-    /// Positions [p0, p0+len) as w·2^−e in f32 (`raw`: as w), row-major `len × d`; exact for f32
-    /// input.
-    fn fill_panel(&self, p0: usize, len: usize, out: &mut [f32], raw: bool) {
+    /// Positions [p0, p0+len) as w·2^−e in f32, row-major `len × d`; exact for f32 input.
+    fn fill_panel(&self, p0: usize, len: usize, out: &mut [f32]) {
         let (d, si, sk, data) = (self.src.d, self.src.si, self.src.sk, self.src.data);
         let out = &mut out[..len * d];
         if sk == 1 {
             for (r, row) in out.chunks_exact_mut(d).enumerate() {
-                let (i, f) = (self.orig[p0 + r], self.factor(p0 + r, raw));
+                let (i, f) = (self.orig[p0 + r], self.pow2[p0 + r]);
                 for (o, &x) in row.iter_mut().zip(&data[i * si..i * si + d]) {
-                    *o = (x.f64() * f) as f32;
+                    *o = T::scale_pow2(x, f);
                 }
             }
         } else {
-            // Neurons are columns: read the stored rows in 16-row strips so that every cache line
-            // fetched is used for 16 neurons' elements.
-            const STRIP: usize = 16;
-            for k0 in (0..d).step_by(STRIP) {
-                let k1 = (k0 + STRIP).min(d);
-                for r in 0..len {
-                    let (i, f) = (self.orig[p0 + r], self.factor(p0 + r, raw));
-                    let row = &mut out[r * d..(r + 1) * d];
-                    for k in k0..k1 {
-                        row[k] = (data[k * sk + i].f64() * f) as f32;
+            // Neurons are columns: transpose in 64-neuron × 16-element blocks (reads use whole
+            // cache lines, writes stay within 64 pages). (A column-major panel would avoid the
+            // transpose, but faer's GEMM on column-major operands with a power-of-two leading
+            // dimension runs at half speed.)
+            const RB: usize = 256;
+            const KB: usize = 16;
+            for r0 in (0..len).step_by(RB) {
+                let r1 = (r0 + RB).min(len);
+                let idx = &self.orig[p0 + r0..p0 + r1];
+                let pw = &self.pow2[p0 + r0..p0 + r1];
+                let block = &mut out[r0 * d..r1 * d];
+                let normal = |f: &f64| (f32::MIN_POSITIVE as f64..=f32::MAX as f64).contains(f);
+                let contiguous =
+                    idx[idx.len() - 1] - idx[0] == idx.len() - 1 && pw.iter().all(normal);
+                let mut tmp = [[0f32; RB]; KB];
+                for k0 in (0..d).step_by(KB) {
+                    let k1 = (k0 + KB).min(d);
+                    if contiguous {
+                        // Contiguous reads into a KB×RB tile in L1, then whole-line row writes.
+                        for (t, k) in tmp.iter_mut().zip(k0..k1) {
+                            let src = &data[k * sk + idx[0]..k * sk + idx[0] + idx.len()];
+                            for (o, &x) in t.iter_mut().zip(src) {
+                                *o = T::to_f32(x);
+                            }
+                        }
+                        for (r, &f) in pw.iter().enumerate() {
+                            let row = &mut block[r * d + k0..r * d + k1];
+                            let f = f as f32;
+                            for (o, t) in row.iter_mut().zip(&tmp) {
+                                *o = t[r] * f;
+                            }
+                        }
+                    } else {
+                        for (r, (&i, &f)) in idx.iter().zip(pw).enumerate() {
+                            let row = &mut block[r * d + k0..r * d + k1];
+                            for (o, k) in row.iter_mut().zip(k0..k1) {
+                                *o = T::scale_pow2(data[k * sk + i], f);
+                            }
+                        }
                     }
                 }
             }
         }
     }
 
-    fn factor(&self, p: usize, raw: bool) -> f64 {
-        if raw {
-            1.0
-        } else {
-            self.pow2[p]
-        }
+    /// The panel of `len` positions as a row-major `len × d` matrix, with its (position, element)
+    /// strides.
+    fn panel<'p>(&self, buf: &'p [f32], len: usize) -> (MatRef<'p, f32>, usize, usize) {
+        let d = self.src.d;
+        (MatRef::from_row_major_slice(&buf[..len * d], len, d), d, 1)
     }
 
     fn tile(&self, scr: &mut Scratch, bi_idx: usize, bj_idx: usize) -> Partial {
@@ -727,23 +784,16 @@ impl<'a, T: Elem> Ctx<'a, T> {
             xm,
             xp,
         } = scr;
-        let (a_i, a_j, mut exact) = match self.view {
+        let (a_i, a_j, exact) = match self.view {
             Some(v) => {
                 let exact = match T::as_f32(self.src.data) {
-                    Some(f) if self.src.sk == 1 => Exact::Rows {
+                    Some(f) => Exact::Rows {
                         ri: f,
                         rj: f,
                         i0: 0,
                         j0: 0,
-                    },
-                    Some(_) => Exact::Lazy {
-                        pi,
-                        pj,
-                        filled: false,
-                        i0,
-                        bi,
-                        j0,
-                        bj: if diag { 0 } else { bj },
+                        rs: [d, d],
+                        ks: [1, 1],
                     },
                     None => Exact::Source,
                 };
@@ -751,24 +801,31 @@ impl<'a, T: Elem> Ctx<'a, T> {
             }
             None => {
                 if *pi_block != bi_idx {
-                    self.fill_panel(i0, bi, pi, false);
+                    self.fill_panel(i0, bi, pi);
                     *pi_block = bi_idx;
                 }
                 if !diag {
-                    self.fill_panel(j0, bj, pj, false);
+                    self.fill_panel(j0, bj, pj);
                 }
-                let ri = &pi[..bi * d];
-                let rj = if diag { ri } else { &pj[..bj * d] };
+                let (a_i, rsi, ksi) = self.panel(pi, bi);
+                let (a_j, rsj, ksj) = if diag {
+                    (a_i, rsi, ksi)
+                } else {
+                    self.panel(pj, bj)
+                };
                 let exact = if self.f32_exact {
-                    Exact::Rows { ri, rj, i0, j0 }
+                    Exact::Rows {
+                        ri: &pi[..bi * d],
+                        rj: if diag { &pi[..bi * d] } else { &pj[..bj * d] },
+                        i0,
+                        j0: if diag { i0 } else { j0 },
+                        rs: [rsi, rsj],
+                        ks: [ksi, ksj],
+                    }
                 } else {
                     Exact::Source
                 };
-                (
-                    MatRef::from_row_major_slice(ri, bi, d),
-                    MatRef::from_row_major_slice(rj, bj, d),
-                    exact,
-                )
+                (a_i, a_j, exact)
             }
         };
         // dst is column-major bj × bi: column a holds the Gram row of position i0+a vs j0..j0+bj.
@@ -807,62 +864,38 @@ impl<'a, T: Elem> Ctx<'a, T> {
                     e += 1;
                 }
                 let bufs = (&mut c[..], &mut xm[..], &mut xp[..]);
-                self.segment(p, j0 + k, &col[k..e], bufs, &mut exact, &mut part);
+                self.segment(p, j0 + k, &col[k..e], bufs, &exact, &mut part);
                 k = e;
             }
         }
         part
     }
 
-    /// Exact ‖ŵ_p ∓ ŵ_q‖² of two positions from contiguous rows (`ri` holds position i0, ...).
-    #[allow(clippy::too_many_arguments)]
-    fn exact_rows(
-        &self,
-        ri: &[f32],
-        rj: &[f32],
-        i0: usize,
-        j0: usize,
-        p: usize,
-        q: usize,
-        plus: bool,
-    ) -> f64 {
-        let d = self.src.d;
-        let a = &ri[(p - i0) * d..(p - i0 + 1) * d];
-        let b = &rj[(q - j0) * d..(q - j0 + 1) * d];
-        let sb = if plus { -self.scale[q] } else { self.scale[q] };
-        diff_sq_scaled(a, b, self.scale[p], sb)
-    }
-
     /// Exact ‖ŵ_p ∓ ŵ_q‖² of two positions.
-    fn exact(&self, ex: &mut Exact<'_>, p: usize, q: usize, plus: bool) -> f64 {
+    fn exact(&self, ex: &Exact<'_>, p: usize, q: usize, plus: bool) -> f64 {
         match ex {
-            Exact::Rows { ri, rj, i0, j0 } => self.exact_rows(ri, rj, *i0, *j0, p, q, plus),
-            Exact::Lazy {
-                pi,
-                pj,
-                filled,
+            Exact::Rows {
+                ri,
+                rj,
                 i0,
-                bi,
                 j0,
-                bj,
+                rs,
+                ks,
             } => {
                 let d = self.src.d;
-                if !*filled {
-                    pi.resize(*bi * d, 0.0);
-                    self.fill_panel(*i0, *bi, pi, true);
-                    if *bj > 0 {
-                        pj.resize(*bj * d, 0.0);
-                        self.fill_panel(*j0, *bj, pj, true);
-                    }
-                    *filled = true;
-                }
-                // On a diagonal tile (bj = 0) both positions are in the I panel.
-                let (rj, j0) = if *bj > 0 {
-                    (&pj[..], *j0)
+                let (sa, sb) = (self.scale[p], self.scale[q]);
+                let sb = if plus { -sb } else { sb };
+                let (oa, ob) = ((p - i0) * rs[0], (q - j0) * rs[1]);
+                if ks[0] == 1 && ks[1] == 1 {
+                    diff_sq_scaled(&ri[oa..oa + d], &rj[ob..ob + d], sa, sb)
                 } else {
-                    (&pi[..], *i0)
-                };
-                self.exact_rows(pi, rj, *i0, j0, p, q, plus)
+                    let mut acc = [0f64; LANES];
+                    for k in 0..d {
+                        let t = ri[oa + k * ks[0]] as f64 * sa - rj[ob + k * ks[1]] as f64 * sb;
+                        acc[k % LANES] += t * t;
+                    }
+                    combine(acc)
+                }
             }
             Exact::Source => {
                 let (i, j) = (self.orig[p], self.orig[q]);
@@ -878,7 +911,7 @@ impl<'a, T: Elem> Ctx<'a, T> {
         q0: usize,
         gs: &[f32],
         bufs: (&mut [f64], &mut [f64], &mut [f64]),
-        ex: &mut Exact<'_>,
+        ex: &Exact<'_>,
         part: &mut Partial,
     ) {
         let len = gs.len();
@@ -1142,20 +1175,18 @@ fn he_impl<T: Elem>(data: &[T], rows: usize, cols: usize, opts: &HeOptions) -> R
     };
     let n = sel.len();
 
-    // Direct path: GEMM on the caller's f32 data, zero neurons skipped in place. Otherwise
-    // (f64 input, subsample, extreme norms): tiles of w·2^−e copied into f32 panels.
+    // Direct path: GEMM on the caller's f32 rows, zero neurons skipped in place. Otherwise
+    // (columns, f64 input, subsample, extreme norms): tiles of w·2^−e copied into f32 panels.
     let in_range = sel.iter().all(|&i| {
         let norm = 1.0 / inv[i];
         (VIEW_NORM_MIN..=VIEW_NORM_MAX).contains(&norm)
     });
     let f32_data = T::as_f32(data);
+    // Columns go through panels too: faer's GEMM on the transposed view (huge strides) runs at
+    // less than half the rate, while the strip-transposing copy costs a few percent.
     let view = match f32_data {
-        Some(f) if !subsampled && in_range => {
-            let m = MatRef::from_row_major_slice(f, rows, cols);
-            Some(match opts.axis {
-                NeuronAxis::Rows => m,
-                NeuronAxis::Cols => m.transpose(),
-            })
+        Some(f) if !subsampled && in_range && opts.axis == NeuronAxis::Rows => {
+            Some(MatRef::from_row_major_slice(f, rows, cols))
         }
         _ => None,
     };
@@ -1543,10 +1574,18 @@ fn pd_solve<T: Elem>(
     }
     let r = (count + 1).min(num_rank);
 
-    // Top-r eigenvectors of C as a d × r f64 matrix (column t ↔ t-th largest eigenvalue).
-    let mut v = Mat::<f64>::zeros(d, r);
+    // Top-r eigenvectors of C into a row-major d × r f32 matrix (column t ↔ t-th largest
+    // eigenvalue), then each column signed so that its largest-magnitude entry is positive.
+    let mut directions = vec![0f32; d * r];
+    let mut best = vec![(0.0f64, false); r]; // (max |v_kt|, negative) in k order
+    let mut put = |k: usize, t: usize, x: f64| {
+        if x.abs() > best[t].0 {
+            best[t] = (x.abs(), x < 0.0);
+        }
+        directions[k * r + t] = x as f32;
+    };
     if gram {
-        // V = Âᵀ Q_r Λ_r^{−1/2}, panel by panel over d.
+        // V = Âᵀ Q_r Λ_r^{−1/2}, a panel of rows of V at a time (never all of V in f64).
         let mut q = Mat::<f64>::zeros(n, r);
         for t in 0..r {
             let col = m - 1 - t;
@@ -1555,43 +1594,41 @@ fn pd_solve<T: Elem>(
                 q[(i, t)] = u[(i, col)] * scale;
             }
         }
-        let kc = panel_chunk(n, d);
+        drop(u);
+        let kc = panel_chunk(n.max(r), d);
         let mut p = Mat::<f64>::zeros(n, kc);
+        let mut vc = Mat::<f64>::zeros(kc, r);
         let mut k0 = 0;
         while k0 < d {
             let len = kc.min(d - k0);
             fill_cols(src, sel, inv, k0, p.as_mut().subcols_mut(0, len));
             matmul(
-                v.as_mut().subrows_mut(k0, len),
+                vc.as_mut().subrows_mut(0, len),
                 Accum::Replace,
                 p.as_ref().subcols(0, len).transpose(),
                 q.as_ref(),
                 1.0f64,
                 par,
             );
+            for k in 0..len {
+                for t in 0..r {
+                    put(k0 + k, t, vc[(k, t)]);
+                }
+            }
             k0 += len;
         }
     } else {
-        for t in 0..r {
-            let col = m - 1 - t;
-            for k in 0..d {
-                v[(k, t)] = u[(k, col)];
+        for k in 0..d {
+            for t in 0..r {
+                put(k, t, u[(k, m - 1 - t)]);
             }
         }
     }
-    let mut directions = vec![0f32; d * r];
-    for t in 0..r {
-        let mut best = 0.0f64;
-        let mut sign = 1.0f64;
-        for k in 0..d {
-            let x = v[(k, t)];
-            if x.abs() > best {
-                best = x.abs();
-                sign = if x < 0.0 { -1.0 } else { 1.0 };
+    for row in directions.chunks_exact_mut(r) {
+        for (x, &(_, neg)) in row.iter_mut().zip(&best) {
+            if neg {
+                *x = -*x;
             }
-        }
-        for k in 0..d {
-            directions[k * r + t] = (sign * v[(k, t)]) as f32;
         }
     }
     Ok((eigenvalues, r, directions))
