@@ -12,7 +12,7 @@ pub const DEFAULT_MEMORY_BUDGET: u64 = 512 << 20;
 /// Smallest budget accepted.
 pub const MIN_MEMORY_BUDGET: u64 = 8 << 20;
 /// Largest chunk per checkpoint. Small enough that a worker's chunks (one per checkpoint) are
-/// still in L2/L3 when the kernel decodes them right after `pread` copied them: on the 2-core Zen 3
+/// still in L2/L3 when the kernel decodes them right after `pread` copied them: on the 2-vCPU Xeon
 /// we measure on, 512 KiB chunks run the warm pass at 7.5 GB/s, 8 MiB chunks at 5.1 GB/s
 /// (`examples/traj_speed.rs` on the 4.4 GB benchmark pair).
 const MAX_CHUNK: u64 = 512 << 10;
