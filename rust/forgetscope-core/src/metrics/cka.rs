@@ -49,8 +49,28 @@
 //!   one-shot functions and NaN from the accumulators. A NaN or infinite input value is a
 //!   `Config` error. A zero or negative self-similarity (constant features; debiased
 //!   denominators ≤ 0) gives NaN, never a panic; [`CkaParts::is_degenerate`] flags it.
-//! - Results do not depend on the number of threads: reductions combine per-column partial sums
-//!   in a fixed order.
+//! - Our own reductions combine per-column (or per-chunk) partial sums in a fixed order, and
+//!   faer's GEMMs split the output, not the contraction: results are bit-identical for 1 and 2
+//!   threads (tested). The AVX2 and portable panel kernels are bit-identical too (no FMA, same
+//!   lane order).
+//!
+//! # Mixed precision: how, and what it costs in accuracy
+//! A panel of k ≤ [`CkaOptions::panel`] examples is shifted, rounded to f32 and stored
+//! feature-major (`[p, k]`, the contraction index contiguous: faer's f32 GEMM runs about 1.7×
+//! faster in that layout than on row-major `[k, p]` operands); f32 GEMMs give the panel's XᵀY and
+//! the lower triangles of XᵀX, YᵀY, which are added into the f64 accumulators. The result is the
+//! exact f64 computation on the shifted data rounded to f32 (≤ 2⁻²⁴ relative per element; no
+//! rounding at all for f32 input whose shifted value is representable), plus f32 summation error
+//! inside each panel (faer sums in registers over blocks of the contraction, then into the f32
+//! output). Measured on 16384 × 4096 f32 pairs (panel 4096): relative error of the biased and
+//! debiased CKA vs the F64 path 8e-9 and 1e-8; tests assert ≤ 1e-6 on offset data. Errors are
+//! relative to the scale of the centred products: a CKA value that is itself ≈ 0 (debiased CKA of
+//! independent data) has a small absolute, not relative, error.
+//!
+//! # Speed (measured, `examples/cka_speed.rs`; 2 threads, AVX-512 machine)
+//! Feature form, X, Y 16384 × 4096 f32: Mixed 4.8–5.1 s = 218–228 GFLOP/s executed
+//! (n(p+q)² flops) = 88–92% of faer's f32 GEMM rate on the same shapes in its fastest layout
+//! (247 GFLOP/s), in the same run; the F64 path runs at 46% (f64 GEMM: 48%).
 //!
 //! # Complexity
 //! Feature form: O(n(p² + q² + pq)) time (the symmetric products are computed as lower
@@ -254,7 +274,8 @@ pub struct CkaOptions {
     /// Feature or Gram form for the linear kernel. Default [`Form::Auto`].
     pub form: Form,
     /// Depth of one f32 panel in `Mixed` (rows in the feature form, feature columns in the Gram
-    /// form): the length over which f32 sums run before they are added into f64. Default 2048.
+    /// form): the length over which f32 sums run before they are added into f64. Default 4096
+    /// ([`DEFAULT_PANEL`]).
     pub panel: usize,
     /// Bytes that [`cka_matrix_with`] may spend on cached Gram matrices before it splits the
     /// layers into groups (recomputing the `ys` Grams once per group). Default 4 GiB.
@@ -262,7 +283,7 @@ pub struct CkaOptions {
 }
 
 /// Default [`CkaOptions::panel`].
-pub const DEFAULT_PANEL: usize = 2048;
+pub const DEFAULT_PANEL: usize = 4096;
 /// Panel rows of the F64 path (bounds the f64 copy of one panel; no accuracy role).
 const F64_PANEL: usize = 1024;
 /// Shallowest panel that `Precision::Auto` runs in f32.
@@ -412,15 +433,8 @@ struct State {
 }
 
 impl State {
-    /// Accumulators around the shift (c_x, c_y), rounded to f32-representable values so that
-    /// an f32 input minus the shift rounds the same way in f32 and in f64 arithmetic.
-    fn new(mut cx: Vec<f64>, mut cy: Vec<f64>) -> Result<Self> {
-        for c in cx.iter_mut().chain(cy.iter_mut()) {
-            let r = *c as f32 as f64;
-            if r.is_finite() {
-                *c = r;
-            }
-        }
+    /// Accumulators around the shift (c_x, c_y).
+    fn new(cx: Vec<f64>, cy: Vec<f64>) -> Result<Self> {
         let (p, q) = (cx.len(), cy.len());
         let too_big = || cfg(format!("accumulators for p = {p}, q = {q} overflow"));
         let pq = p.checked_mul(q).ok_or_else(too_big)?;
