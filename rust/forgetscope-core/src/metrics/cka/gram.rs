@@ -60,18 +60,35 @@ impl Packed {
         (0..self.n).map(|j| self.data[off(self.n, j)]).collect()
     }
 
-    /// Column sums of the full symmetric matrix.
+    /// Column sums of the full symmetric matrix: column j below the diagonal is also row j to
+    /// the right of it. Parallel over fixed groups of columns (each scattering into its own
+    /// partial vector), partials combined in group order.
     fn col_sums(&self) -> Vec<f64> {
         let n = self.n;
+        let group = (n / 32).max(64);
+        let cols = self.columns();
+        let parts: Vec<Vec<f64>> = cols
+            .par_chunks(group)
+            .enumerate()
+            .map(|(g, chunk)| {
+                let mut sums = vec![0f64; n];
+                for (jj, col) in chunk.iter().enumerate() {
+                    let j = g * group + jj;
+                    let mut below = 0.0;
+                    for (s, &v) in sums[j + 1..].iter_mut().zip(&col[1..]) {
+                        below += v;
+                        *s += v;
+                    }
+                    sums[j] += col[0] + below;
+                }
+                sums
+            })
+            .collect();
         let mut sums = vec![0f64; n];
-        for (j, col) in self.columns().into_iter().enumerate() {
-            // Column j below the diagonal is also row j to the right of it.
-            let mut below = 0.0;
-            for (t, &v) in col.iter().enumerate().skip(1) {
-                below += v;
-                sums[j + t] += v;
+        for part in &parts {
+            for (s, v) in sums.iter_mut().zip(part) {
+                *s += v;
             }
-            sums[j] += col[0] + below;
         }
         sums
     }
@@ -130,11 +147,41 @@ impl Packed {
         parts.iter().sum()
     }
 
+    /// `(⟨K, L⟩, ⟨K, K⟩, ⟨L, L⟩)` in one pass over both matrices.
+    pub(super) fn dots3(&self, other: &Packed) -> [f64; 3] {
+        debug_assert_eq!(self.n, other.n);
+        let parts: Vec<[f64; 3]> = self
+            .columns()
+            .into_par_iter()
+            .zip(other.columns().into_par_iter())
+            .map(|(a, b)| {
+                let (mut ab, mut aa, mut bb) = (0.0, 0.0, 0.0);
+                for (x, y) in a[1..].iter().zip(&b[1..]) {
+                    ab += x * y;
+                    aa += x * x;
+                    bb += y * y;
+                }
+                [
+                    a[0] * b[0] + 2.0 * ab,
+                    a[0] * a[0] + 2.0 * aa,
+                    b[0] * b[0] + 2.0 * bb,
+                ]
+            })
+            .collect();
+        let mut t = [0.0; 3];
+        for p in &parts {
+            for i in 0..3 {
+                t[i] += p[i];
+            }
+        }
+        t
+    }
+
     /// Turn a linear Gram G (of the same rows) into the RBF kernel of the reference code:
     /// `d_ij = G_ii + G_jj − 2G_ij` (clamped at 0, exactly 0 on the diagonal),
     /// `K = exp(−d / (2τ²·median(d)))`, median over all n² entries including the n diagonal
     /// zeros (numpy's median: mean of the two middle values when n² is even). Returns the median.
-    pub(super) fn into_rbf(&mut self, tau: f64) -> f64 {
+    pub(super) fn make_rbf(&mut self, tau: f64) -> f64 {
         let d = self.diag();
         self.columns_mut()
             .into_par_iter()
@@ -186,34 +233,28 @@ impl Packed {
 }
 
 /// The linear Gram `X_c X_cᵀ` of the column-centred rows (`mean` = column means), accumulated
-/// over panels of `depth` feature columns.
-pub(super) fn linear_gram(
-    x: Rows<'_>,
-    mean: &[f64],
-    mode: Mode,
-    depth: usize,
-    scratch: &mut Vec<f32>,
-) -> Result<Packed> {
+/// over panels of `depth` feature columns: each panel's lower-triangle product (f32 or f64 GEMM)
+/// is added straight into the packed f64 matrix, so no n × n f64 square is ever held.
+pub(super) fn linear_gram(x: Rows<'_>, mean: &[f64], mode: Mode, depth: usize) -> Result<Packed> {
     match mode {
-        Mode::F64 => linear_gram_t::<f64>(x, mean, depth, scratch),
-        Mode::Mixed => linear_gram_t::<f32>(x, mean, depth, scratch),
+        Mode::F64 => linear_gram_t::<f64>(x, mean, depth),
+        Mode::Mixed => linear_gram_t::<f32>(x, mean, depth),
     }
 }
 
-fn linear_gram_t<T: Elem>(
-    x: Rows<'_>,
-    mean: &[f64],
-    depth: usize,
-    scratch: &mut Vec<f32>,
-) -> Result<Packed> {
+fn linear_gram_t<T: Elem>(x: Rows<'_>, mean: &[f64], depth: usize) -> Result<Packed> {
     let (n, p) = (x.n(), x.p());
-    let nn = n
-        .checked_mul(n)
-        .ok_or_else(|| cfg(format!("Gram of {n} examples is too large")))?;
-    let mut full = zeros(nn, "Gram matrix")?;
+    let len =
+        Packed::bytes(n).ok_or_else(|| cfg(format!("Gram of {n} examples is too large")))? / 8;
+    let mut k = Packed {
+        n,
+        data: zeros(len, "packed Gram matrix")?,
+    };
     let depth = depth.clamp(1, p);
     let mut panel: Vec<T> = Vec::new();
     grow(&mut panel, n * depth)?;
+    let mut square: Vec<T> = Vec::new();
+    grow(&mut square, n * n)?;
     let par = par_for(n as f64 * n as f64 * depth as f64);
     for c0 in (0..p).step_by(depth) {
         let c1 = (c0 + depth).min(p);
@@ -223,14 +264,15 @@ fn linear_gram_t<T: Elem>(
             RowData::F64(s) => build_cols(s, n, p, c0, c1, mean, &mut panel),
         }
         let a = faer::MatRef::from_row_major_slice(&panel[..n * w], n, w);
-        T::syrk_add(&mut full, a, scratch, par)?;
+        T::syrk_into(&mut square, a, par);
+        k.columns_mut()
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(j, c)| {
+                for (d, s) in c.iter_mut().zip(&square[j * n + j..(j + 1) * n]) {
+                    *d += s.get();
+                }
+            });
     }
-    // Pack the lower triangle; free the square.
-    let mut data = Vec::new();
-    data.try_reserve_exact(n * (n + 1) / 2)
-        .map_err(|_| cfg("cannot allocate the packed Gram matrix"))?;
-    for j in 0..n {
-        data.extend_from_slice(&full[j * n + j..(j + 1) * n]);
-    }
-    Ok(Packed { n, data })
+    Ok(k)
 }
