@@ -55,22 +55,35 @@
 //!   lane order).
 //!
 //! # Mixed precision: how, and what it costs in accuracy
-//! A panel of k ≤ [`CkaOptions::panel`] examples is shifted, rounded to f32 and stored
-//! feature-major (`[p, k]`, the contraction index contiguous: faer's f32 GEMM runs about 1.7×
-//! faster in that layout than on row-major `[k, p]` operands); f32 GEMMs give the panel's XᵀY and
-//! the lower triangles of XᵀX, YᵀY, which are added into the f64 accumulators. The result is the
-//! exact f64 computation on the shifted data rounded to f32 (≤ 2⁻²⁴ relative per element; no
-//! rounding at all for f32 input whose shifted value is representable), plus f32 summation error
-//! inside each panel (faer sums in registers over blocks of the contraction, then into the f32
-//! output). Measured on 16384 × 4096 f32 pairs (panel 4096): relative error of the biased and
-//! debiased CKA vs the F64 path 8e-9 and 1e-8; tests assert ≤ 1e-6 on offset data. Errors are
-//! relative to the scale of the centred products: a CKA value that is itself ≈ 0 (debiased CKA of
-//! independent data) has a small absolute, not relative, error.
+//! A panel of k ≤ [`CkaOptions::panel`] examples is shifted, rounded to f32 (`f32(f64(x) − c)`)
+//! and stored feature-major (`[p, k]`, the contraction index contiguous: faer's f32 GEMM runs
+//! about 1.7× faster in that layout than on row-major `[k, p]` operands); f32 GEMMs give the
+//! panel's XᵀY and the lower triangles of XᵀX and YᵀY, which are added into the f64
+//! accumulators. The result is the exact f64 computation on the shifted data rounded to f32
+//! (≤ 2⁻²⁴ relative per element), plus the f32 summation error inside each panel (faer sums in
+//! registers over blocks of the contraction, then into its f32 output). The shift stays in f64:
+//! an f32-representable shift would leave large-offset columns on the coarse grid of ulp(x), where
+//! faer's f32 GEMM was measured to round with a systematic bias (3e-7 instead of 3e-8 below).
 //!
-//! # Speed (measured, `examples/cka_speed.rs`; 2 threads, AVX-512 machine)
-//! Feature form, X, Y 16384 × 4096 f32: Mixed 4.8–5.1 s = 218–228 GFLOP/s executed
-//! (n(p+q)² flops) = 88–92% of faer's f32 GEMM rate on the same shapes in its fastest layout
-//! (247 GFLOP/s), in the same run; the F64 path runs at 46% (f64 GEMM: 48%).
+//! Relative error against the F64 path, measured: 16384 × 4096 random pairs, panel 4096:
+//! 8e-9 (biased) and 1e-8 (debiased); n = 3000 with column offsets up to 3840σ: ≤ 3e-8; the
+//! adversarial case of a few "massive activation" columns 300× the rest, which dominate
+//! ‖XᵀX‖_F so that the per-entry f32 error is not averaged out: 2.5e-7 (feature form; 4e-8
+//! with panel 256, 4e-8 in the Gram form). Tests assert ≤ 1e-6. Errors are relative to the scale
+//! of the centred products: a CKA value that is itself ≈ 0 (debiased CKA of independent data) has
+//! a small absolute, not relative, error. Use [`Precision::F64`] when that is not enough.
+//!
+//! # Speed (measured, `examples/cka_speed.rs`; 2 threads, AVX-512 machine, shared)
+//! Feature form, X, Y 16384 × 4096 f32: Mixed 4.8–5.0 s = 219–228 GFLOP/s executed
+//! (n(p+q)² = 1.1 TFLOP) = 88–92% of faer's f32 GEMM rate on the same shapes in its fastest
+//! layout (243–252 GFLOP/s), measured interleaved in the same run; F64 path 46% of that rate
+//! (faer's f64 GEMM: 47–48%). Gram form, n = p = 4096: Mixed 86% of the f32 GEMM rate.
+//!
+//! # Memory
+//! Feature form and [`StreamingCka`]: 8(pq + p² + q²) bytes of f64 accumulators (the symmetric
+//! ones stored square, lower triangle used), an f32 GEMM scratch of 4·max(pq, p², q²) bytes, and
+//! panels of 4·panel·(p + q) bytes (Mixed) or 8·1024·(p + q) (F64). Gram form: two packed
+//! triangles of 4n(n+1) bytes each, one n × n GEMM scratch, one n × panel feature panel.
 //!
 //! # Complexity
 //! Feature form: O(n(p² + q² + pq)) time (the symmetric products are computed as lower
@@ -317,7 +330,7 @@ impl CkaOptions {
         }
     }
 
-    fn panel(&self, mode: Mode) -> usize {
+    fn depth_for(&self, mode: Mode) -> usize {
         match mode {
             Mode::Mixed => self.panel.max(1),
             Mode::F64 => F64_PANEL,
@@ -580,8 +593,8 @@ impl StreamingCka {
         let any_f64 = x.is_f64() || y.is_f64();
         let mode = self
             .opts
-            .mode(any_f64, x.n.min(self.opts.panel(Mode::Mixed)));
-        let depth = self.opts.panel(mode).min(x.n);
+            .mode(any_f64, x.n.min(self.opts.depth_for(Mode::Mixed)));
+        let depth = self.opts.depth_for(mode).min(x.n);
         let st = self
             .state
             .as_mut()
@@ -933,8 +946,8 @@ fn gram_parts(
 
 /// Centred (or U-centred) kernel matrix of one representation.
 fn kernel(x: Rows<'_>, debiased: bool, opts: &CkaOptions, tau: Option<f64>) -> Result<Packed> {
-    let mode = opts.mode(x.is_f64(), x.p.min(opts.panel(Mode::Mixed)));
-    let mut k = linear_gram(x, &x.means_checked("X")?, mode, opts.panel(mode))?;
+    let mode = opts.mode(x.is_f64(), x.p.min(opts.depth_for(Mode::Mixed)));
+    let mut k = linear_gram(x, &x.means_checked("X")?, mode, opts.depth_for(mode))?;
     if let Some(tau) = tau {
         k.make_rbf(tau);
     }
@@ -1089,7 +1102,7 @@ fn ratio(h: [f64; 3]) -> f64 {
 // ------------------------------------------------------------------------------------------
 
 /// Linear CKA between every layer of `xs` and every layer of `ys` (all with the same n
-/// examples): row-major `[xs.len(), ys.len()]`, entry (i, j) = CKA(xs[i], ys[j]). Default options.
+/// examples): row-major `[xs.len(), ys.len()]`, entry (i, j) = CKA(`xs[i]`, `ys[j]`). Default options.
 ///
 /// Each layer's centred Gram (or, in the feature form, its self term) is computed once: see
 /// [`cka_matrix_with`].
@@ -1203,8 +1216,8 @@ struct LayerSelf {
 }
 
 fn layer_self(x: Rows<'_>, debiased: bool, opts: &CkaOptions) -> Result<LayerSelf> {
-    let mode = opts.mode(x.is_f64(), x.n.min(opts.panel(Mode::Mixed)));
-    let depth = opts.panel(mode).min(x.n);
+    let mode = opts.mode(x.is_f64(), x.n.min(opts.depth_for(Mode::Mixed)));
+    let depth = opts.depth_for(mode).min(x.n);
     let mean = x.means_checked("X")?;
     let (p, n) = (x.p, x.n);
     let mut acc = zeros(p.checked_mul(p).ok_or_else(|| cfg("p² overflows"))?, "XᵀX")?;
@@ -1267,8 +1280,11 @@ fn cross_xty(
     acc: &mut Vec<f64>,
     scratch: &mut Vec<f32>,
 ) -> Result<f64> {
-    let mode = opts.mode(x.is_f64() || y.is_f64(), x.n.min(opts.panel(Mode::Mixed)));
-    let depth = opts.panel(mode).min(x.n);
+    let mode = opts.mode(
+        x.is_f64() || y.is_f64(),
+        x.n.min(opts.depth_for(Mode::Mixed)),
+    );
+    let depth = opts.depth_for(mode).min(x.n);
     let (n, p, q) = (x.n, x.p, y.p);
     let pq = p.checked_mul(q).ok_or_else(|| cfg("p·q overflows"))?;
     grow(acc, pq)?;
@@ -1448,8 +1464,8 @@ pub fn covariance_participation_ratio_with(x: Rows<'_>, opts: &CkaOptions) -> Re
         let s = layer_self(x, false, opts)?;
         (s.a.iter().sum::<f64>(), s.hsic)
     } else {
-        let mode = opts.mode(x.is_f64(), x.p.min(opts.panel(Mode::Mixed)));
-        let k = linear_gram(x, &x.means_checked("X")?, mode, opts.panel(mode))?;
+        let mode = opts.mode(x.is_f64(), x.p.min(opts.depth_for(Mode::Mixed)));
+        let k = linear_gram(x, &x.means_checked("X")?, mode, opts.depth_for(mode))?;
         (k.trace(), k.dot(&k))
     };
     Ok(if fro > 0.0 { tr * tr / fro } else { f64::NAN })
