@@ -79,30 +79,75 @@ pub struct PairStats {
     pub equal: u64,
 }
 
+/// The 8 lane accumulators of [`pair_stats`]; the scalar step below is the reference the AVX2
+/// loops reproduce lane for lane (and finish their tails with).
+#[derive(Default)]
+struct PairLanes {
+    sa: [f64; LANES],
+    sb: [f64; LANES],
+    sd: [f64; LANES],
+    equal: u64,
+}
+
+impl PairLanes {
+    #[inline(always)]
+    fn step(&mut self, j: usize, x: f32, y: f32) {
+        let (xf, yf) = (x as f64, y as f64);
+        let d = yf - xf;
+        self.sa[j] = xf.mul_add(xf, self.sa[j]);
+        self.sb[j] = yf.mul_add(yf, self.sb[j]);
+        self.sd[j] = d.mul_add(d, self.sd[j]);
+        self.equal += (x == y) as u64;
+    }
+
+    fn finish(self) -> PairStats {
+        PairStats {
+            sq_a: combine(self.sa),
+            sq_b: combine(self.sb),
+            diff_sq: combine(self.sd),
+            equal: self.equal,
+        }
+    }
+
+    /// Spill AVX2 accumulators (lanes 0–3 in `.0`, 4–7 in `.1`; per-lane equal counts in `eq`).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn from_avx2(
+        sa: (std::arch::x86_64::__m256d, std::arch::x86_64::__m256d),
+        sb: (std::arch::x86_64::__m256d, std::arch::x86_64::__m256d),
+        sd: (std::arch::x86_64::__m256d, std::arch::x86_64::__m256d),
+        eq: std::arch::x86_64::__m256i,
+    ) -> PairLanes {
+        use std::arch::x86_64::*;
+        let lanes = |(lo, hi): (__m256d, __m256d)| {
+            let mut out = [0f64; LANES];
+            // SAFETY: out holds 8 f64; unaligned stores.
+            unsafe {
+                _mm256_storeu_pd(out.as_mut_ptr(), lo);
+                _mm256_storeu_pd(out.as_mut_ptr().add(4), hi);
+            }
+            out
+        };
+        let mut counts = [0u32; 8];
+        // SAFETY: counts holds 8 i32-sized values.
+        unsafe { _mm256_storeu_si256(counts.as_mut_ptr() as *mut __m256i, eq) };
+        PairLanes {
+            sa: lanes(sa),
+            sb: lanes(sb),
+            sd: lanes(sd),
+            equal: counts.iter().map(|&c| c as u64).sum(),
+        }
+    }
+}
+
 /// Portable reference of [`pair_stats`]: the same 8 lanes and the same fused multiply-adds as
 /// the AVX2 path, so both give bit-identical results.
 fn pair_stats_generic(a: &[f32], b: &[f32]) -> PairStats {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut sa = [0f64; LANES];
-    let mut sb = [0f64; LANES];
-    let mut sd = [0f64; LANES];
-    let mut eq = 0u64;
+    let mut lanes = PairLanes::default();
     for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
-        let j = i % LANES;
-        let (xf, yf) = (x as f64, y as f64);
-        let d = yf - xf;
-        sa[j] = xf.mul_add(xf, sa[j]);
-        sb[j] = yf.mul_add(yf, sb[j]);
-        sd[j] = d.mul_add(d, sd[j]);
-        eq += (x == y) as u64;
+        lanes.step(i % LANES, x, y);
     }
-    PairStats {
-        sq_a: combine(sa),
-        sq_b: combine(sb),
-        diff_sq: combine(sd),
-        equal: eq,
-    }
+    lanes.finish()
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -147,34 +192,11 @@ fn pair_stats_avx2(a: &[f32], b: &[f32]) -> PairStats {
         sd1 = _mm256_fmadd_pd(d1, d1, sd1);
         i += LANES;
     }
-    let lanes = |lo: __m256d, hi: __m256d| {
-        let mut out = [0f64; LANES];
-        // SAFETY: out holds 8 f64; unaligned stores.
-        unsafe {
-            _mm256_storeu_pd(out.as_mut_ptr(), lo);
-            _mm256_storeu_pd(out.as_mut_ptr().add(4), hi);
-        }
-        out
-    };
-    let (mut sa, mut sb, mut sd) = (lanes(sa0, sa1), lanes(sb0, sb1), lanes(sd0, sd1));
-    let mut counts = [0u32; 8];
-    // SAFETY: counts holds 8 i32-sized values.
-    unsafe { _mm256_storeu_si256(counts.as_mut_ptr() as *mut __m256i, eq) };
-    let mut equal: u64 = counts.iter().map(|&c| c as u64).sum();
+    let mut lanes = PairLanes::from_avx2((sa0, sa1), (sb0, sb1), (sd0, sd1), eq);
     for (j, (&x, &y)) in a[full..n].iter().zip(&b[full..n]).enumerate() {
-        let (xf, yf) = (x as f64, y as f64);
-        let d = yf - xf;
-        sa[j] = xf.mul_add(xf, sa[j]);
-        sb[j] = yf.mul_add(yf, sb[j]);
-        sd[j] = d.mul_add(d, sd[j]);
-        equal += (x == y) as u64;
+        lanes.step(j, x, y);
     }
-    PairStats {
-        sq_a: combine(sa),
-        sq_b: combine(sb),
-        diff_sq: combine(sd),
-        equal,
-    }
+    lanes.finish()
 }
 
 /// Portable reference of [`diff_sq`] (same lanes, same fused multiply-adds as the AVX2 path).
@@ -294,39 +316,14 @@ fn pair_stats_bf16_avx2(a: &[u8], b: &[u8]) -> PairStats {
         sd1 = _mm256_fmadd_pd(d1, d1, sd1);
         i += LANES;
     }
-    let lanes = |lo: __m256d, hi: __m256d| {
-        let mut out = [0f64; LANES];
-        // SAFETY: out holds 8 f64; unaligned stores.
-        unsafe {
-            _mm256_storeu_pd(out.as_mut_ptr(), lo);
-            _mm256_storeu_pd(out.as_mut_ptr().add(4), hi);
-        }
-        out
-    };
-    let (mut sa, mut sb, mut sd) = (lanes(sa0, sa1), lanes(sb0, sb1), lanes(sd0, sd1));
-    let mut counts = [0u32; 8];
-    // SAFETY: counts holds 8 i32-sized values.
-    unsafe { _mm256_storeu_si256(counts.as_mut_ptr() as *mut __m256i, eq) };
-    let mut equal: u64 = counts.iter().map(|&c| c as u64).sum();
+    let mut lanes = PairLanes::from_avx2((sa0, sa1), (sb0, sb1), (sd0, sd1), eq);
     let bf = |bytes: &[u8], k: usize| {
         f32::from_bits((u16::from_le_bytes([bytes[2 * k], bytes[2 * k + 1]]) as u32) << 16)
     };
     for k in full..n {
-        let (x, y) = (bf(a, k), bf(b, k));
-        let j = k - full;
-        let (xf, yf) = (x as f64, y as f64);
-        let d = yf - xf;
-        sa[j] = xf.mul_add(xf, sa[j]);
-        sb[j] = yf.mul_add(yf, sb[j]);
-        sd[j] = d.mul_add(d, sd[j]);
-        equal += (x == y) as u64;
+        lanes.step(k - full, bf(a, k), bf(b, k));
     }
-    PairStats {
-        sq_a: combine(sa),
-        sq_b: combine(sb),
-        diff_sq: combine(sd),
-        equal,
-    }
+    lanes.finish()
 }
 
 /// Σa², Σb², Σ(b − a)² and #{a = b} in one pass, f64 sums (8 lanes, fused multiply-add).
