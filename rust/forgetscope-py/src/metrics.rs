@@ -197,6 +197,20 @@ fn rows<'a>(m: &Matrix<'a>) -> forgetscope_core::Result<Rows<'a>> {
     }
 }
 
+/// Convert a pair of arrays, then run `f` on them with the GIL released.
+fn with_pair<T: Send>(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    y: &Bound<'_, PyAny>,
+    dtype: Option<&str>,
+    f: impl for<'a> FnOnce(Rows<'a>, Rows<'a>) -> forgetscope_core::Result<T> + Send,
+) -> PyResult<T> {
+    let (hx, hy) = (Held::from_py(py, x, dtype)?, Held::from_py(py, y, dtype)?);
+    let (mx, my) = (hx.matrix()?, hy.matrix()?);
+    py.detach(|| f(rows(&mx)?, rows(&my)?))
+        .map_err(|e| to_pyerr(py, e))
+}
+
 /// Linear CKA of two activation matrices holding the same n examples as rows.
 #[pyfunction]
 #[pyo3(signature = (x, y, *, debiased=false, form="auto", dtype=None))]
@@ -208,8 +222,6 @@ pub(crate) fn linear_cka(
     form: &str,
     dtype: Option<&str>,
 ) -> PyResult<f64> {
-    let (hx, hy) = (Held::from_py(py, x, dtype)?, Held::from_py(py, y, dtype)?);
-    let (mx, my) = (hx.matrix()?, hy.matrix()?);
     let f = match form {
         "auto" => cka::linear_cka,
         "feature" => cka::linear_cka_feature,
@@ -223,8 +235,7 @@ pub(crate) fn linear_cka(
             ))
         }
     };
-    py.detach(|| f(rows(&mx)?, rows(&my)?, debiased))
-        .map_err(|e| to_pyerr(py, e))
+    with_pair(py, x, y, dtype, |a, b| f(a, b, debiased))
 }
 
 /// RBF-kernel CKA (bandwidth = τ × the median squared distance).
@@ -238,10 +249,7 @@ pub(crate) fn rbf_cka(
     debiased: bool,
     dtype: Option<&str>,
 ) -> PyResult<f64> {
-    let (hx, hy) = (Held::from_py(py, x, dtype)?, Held::from_py(py, y, dtype)?);
-    let (mx, my) = (hx.matrix()?, hy.matrix()?);
-    py.detach(|| cka::rbf_cka(rows(&mx)?, rows(&my)?, tau, debiased))
-        .map_err(|e| to_pyerr(py, e))
+    with_pair(py, x, y, dtype, |a, b| cka::rbf_cka(a, b, tau, debiased))
 }
 
 /// Layer × layer linear CKA; returns a flat row-major vector of len(xs)·len(ys).
@@ -339,11 +347,8 @@ impl PyStreamingCka {
         y: &Bound<'_, PyAny>,
         dtype: Option<&str>,
     ) -> PyResult<()> {
-        let (hx, hy) = (Held::from_py(py, x, dtype)?, Held::from_py(py, y, dtype)?);
-        let (mx, my) = (hx.matrix()?, hy.matrix()?);
         let inner = &mut self.inner;
-        py.detach(|| inner.update(rows(&mx)?, rows(&my)?))
-            .map_err(|e| to_pyerr(py, e))
+        with_pair(py, x, y, dtype, |a, b| inner.update(a, b))
     }
 
     fn merge(&mut self, py: Python<'_>, other: PyRef<'_, Self>) -> PyResult<()> {
@@ -404,11 +409,8 @@ impl PyMinibatchCka {
         y: &Bound<'_, PyAny>,
         dtype: Option<&str>,
     ) -> PyResult<()> {
-        let (hx, hy) = (Held::from_py(py, x, dtype)?, Held::from_py(py, y, dtype)?);
-        let (mx, my) = (hx.matrix()?, hy.matrix()?);
         let inner = &mut self.inner;
-        py.detach(|| inner.update(rows(&mx)?, rows(&my)?))
-            .map_err(|e| to_pyerr(py, e))
+        with_pair(py, x, y, dtype, |a, b| inner.update(a, b))
     }
 
     fn compute(&self) -> f64 {
