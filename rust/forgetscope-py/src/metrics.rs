@@ -166,16 +166,11 @@ pub(crate) fn principal_directions<'py>(
     };
     let held = Held::from_py(py, w, dtype)?;
     let m = held.matrix()?;
-    let widened;
-    let (data, r, c) = match m {
-        Matrix::F32(d, r, c) => (d, r, c),
-        Matrix::F64(d, r, c) => {
-            widened = d.iter().map(|&x| x as f32).collect::<Vec<f32>>();
-            (&widened[..], r, c)
-        }
-    };
     let p = py
-        .detach(|| he::principal_directions_with(data, r, c, &opts))
+        .detach(|| match m {
+            Matrix::F32(d, r, c) => he::principal_directions_with(d, r, c, &opts),
+            Matrix::F64(d, r, c) => he::principal_directions_f64(d, r, c, &opts),
+        })
         .map_err(|e| to_pyerr(py, e))?;
     let dirs = PyArray1::from_vec(py, p.directions).reshape([p.dim, p.rank])?;
     Ok((

@@ -1401,10 +1401,25 @@ pub fn mean_pairwise_cosine(x: Rows<'_>) -> Result<f64> {
         let mut m = 0u64;
         for r in rows.chunks_exact(p) {
             let nrm2: f64 = r.iter().map(|v| v.f() * v.f()).sum();
-            if nrm2 == 0.0 {
+            // Squares of f64 values beyond ~1e±154 over/underflow: rescale by max|v| there.
+            let nrm = if nrm2.is_finite() && nrm2 >= 1e-280 {
+                nrm2.sqrt()
+            } else {
+                let big = r.iter().map(|v| v.f().abs()).fold(0.0f64, f64::max);
+                if big == 0.0 {
+                    0.0
+                } else {
+                    big * r
+                        .iter()
+                        .map(|v| (v.f() / big) * (v.f() / big))
+                        .sum::<f64>()
+                        .sqrt()
+                }
+            };
+            if nrm == 0.0 {
                 continue;
             }
-            let inv = 1.0 / nrm2.sqrt();
+            let inv = 1.0 / nrm;
             let mut q = 0.0;
             for (s, v) in s.iter_mut().zip(r) {
                 let h = v.f() * inv;

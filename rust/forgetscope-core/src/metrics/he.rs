@@ -337,6 +337,42 @@ impl<'a, T: Elem> Src<'a, T> {
         (acc[0] + acc[1]) + (acc[2] + acc[3])
     }
 
+    /// ‖w_i‖ for every neuron, robust to f64 values whose squares over- or underflow (|x| above
+    /// ~1e154 or below ~1e-154): those neurons are recomputed as m·‖w/m‖ with m = max|w_ik|, so a
+    /// finite neuron never comes out infinite or zero. NaN/Inf entries give a non-finite norm.
+    fn norms(&self, threads: usize) -> Vec<f64> {
+        // Below this the plain sum of squares may have lost the neuron to underflow.
+        const TINY: f64 = 1e-280;
+        let mut out = self.norms_sq(threads);
+        for (i, s) in out.iter_mut().enumerate() {
+            *s = if s.is_finite() && *s >= TINY {
+                s.sqrt()
+            } else {
+                let at = |k: usize| self.data[i * self.si + k * self.sk].f64();
+                let m = (0..self.d).map(|k| at(k).abs()).fold(0.0f64, |a, b| {
+                    if b > a || b.is_nan() {
+                        b
+                    } else {
+                        a
+                    }
+                });
+                if m == 0.0 || !m.is_finite() {
+                    if m == 0.0 {
+                        0.0
+                    } else {
+                        f64::NAN
+                    }
+                } else {
+                    m * (0..self.d)
+                        .map(|k| (at(k) / m) * (at(k) / m))
+                        .sum::<f64>()
+                        .sqrt()
+                }
+            };
+        }
+        out
+    }
+
     /// Σ_k w_ik² in f64 for every neuron (fixed order per neuron, so thread-count independent).
     fn norms_sq(&self, threads: usize) -> Vec<f64> {
         let mut out = vec![0f64; self.n];
@@ -1131,9 +1167,9 @@ fn he_impl<T: Elem>(data: &[T], rows: usize, cols: usize, opts: &HeOptions) -> R
     let src = Src::new(data, rows, cols, opts.axis);
     let (n_total, d) = (src.n, src.d);
     let pool = build_pool(threads)?;
-    let norms2 = in_pool(&pool, || src.norms_sq(threads));
-    let n_zero = norms2.iter().filter(|&&x| x == 0.0).count();
-    let n_nonfinite = norms2.iter().filter(|x| !x.is_finite()).count();
+    let norms = in_pool(&pool, || src.norms(threads));
+    let n_zero = norms.iter().filter(|&&x| x == 0.0).count();
+    let n_nonfinite = norms.iter().filter(|x| !x.is_finite()).count();
     let convention = if opts.half_space {
         CONVENTION_HALF
     } else {
@@ -1154,21 +1190,21 @@ fn he_impl<T: Elem>(data: &[T], rows: usize, cols: usize, opts: &HeOptions) -> R
         convention,
         eps: opts.eps,
         block_size: 0,
-        scratch_bytes: (norms2.len() * 8) as u64,
+        scratch_bytes: (norms.len() * 8) as u64,
     };
     if n_nonfinite > 0 {
         result.n_neurons = n_total - n_zero - n_nonfinite;
         return Ok(result);
     }
-    let usable: Vec<usize> = (0..n_total).filter(|&i| norms2[i] > 0.0).collect();
+    let usable: Vec<usize> = (0..n_total).filter(|&i| norms[i] > 0.0).collect();
     if usable.len() < 2 {
         return Err(too_few(n_total, n_zero));
     }
-    let inv: Vec<f64> = norms2
+    let inv: Vec<f64> = norms
         .iter()
-        .map(|&s| if s > 0.0 { 1.0 / s.sqrt() } else { 0.0 })
+        .map(|&s| if s > 0.0 { 1.0 / s } else { 0.0 })
         .collect();
-    drop(norms2);
+    drop(norms);
     let (sel, subsampled) = match opts.max_neurons {
         Some(m) if usable.len() > m => (subsample(usable, m, opts.seed), true),
         _ => (usable, false),
@@ -1387,6 +1423,26 @@ pub fn principal_directions_with(
     cols: usize,
     opts: &PrincipalOptions,
 ) -> Result<PrincipalDirections> {
+    principal_impl(data, rows, cols, opts)
+}
+
+/// [`principal_directions_with`] for f64 input: neurons are normalised in f64 (robust to any finite
+/// magnitude) before anything is rounded to f32.
+pub fn principal_directions_f64(
+    data: &[f64],
+    rows: usize,
+    cols: usize,
+    opts: &PrincipalOptions,
+) -> Result<PrincipalDirections> {
+    principal_impl(data, rows, cols, opts)
+}
+
+fn principal_impl<T: Elem>(
+    data: &[T],
+    rows: usize,
+    cols: usize,
+    opts: &PrincipalOptions,
+) -> Result<PrincipalDirections> {
     check_shape(data.len(), rows, cols)?;
     if !opts.beta.is_finite() {
         return Err(Error::Config {
@@ -1397,22 +1453,22 @@ pub fn principal_directions_with(
     let src = Src::new(data, rows, cols, opts.axis);
     let d = src.d;
     let pool = build_pool(threads)?;
-    let norms2 = in_pool(&pool, || src.norms_sq(threads));
-    if let Some(i) = norms2.iter().position(|x| !x.is_finite()) {
+    let norms = in_pool(&pool, || src.norms(threads));
+    if let Some(i) = norms.iter().position(|x| !x.is_finite()) {
         return Err(Error::Config {
             reason: format!(
                 "principal directions need finite weights; neuron {i} has a NaN or infinite value"
             ),
         });
     }
-    let n_zero = norms2.iter().filter(|&&x| x == 0.0).count();
-    let sel: Vec<usize> = (0..src.n).filter(|&i| norms2[i] > 0.0).collect();
+    let n_zero = norms.iter().filter(|&&x| x == 0.0).count();
+    let sel: Vec<usize> = (0..src.n).filter(|&i| norms[i] > 0.0).collect();
     if sel.len() < 2 {
         return Err(too_few(src.n, n_zero));
     }
-    let inv: Vec<f64> = norms2
+    let inv: Vec<f64> = norms
         .iter()
-        .map(|&s| if s > 0.0 { 1.0 / s.sqrt() } else { 0.0 })
+        .map(|&s| if s > 0.0 { 1.0 / s } else { 0.0 })
         .collect();
     let n = sel.len();
     let route = match opts.route {
