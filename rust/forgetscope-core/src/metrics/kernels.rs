@@ -15,6 +15,8 @@ fn combine(acc: [f64; LANES]) -> f64 {
 
 use crate::simd::dispatch;
 
+/// Test reference: the plain sum of squares the fused kernels must agree with.
+#[cfg(test)]
 #[inline(always)]
 fn sum_sq_body(a: &[f32]) -> f64 {
     let mut acc = [0f64; LANES];
@@ -31,12 +33,14 @@ fn sum_sq_body(a: &[f32]) -> f64 {
     combine(acc)
 }
 
+#[cfg(test)]
 dispatch! {
     /// Σ aᵢ² in f64.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn sum_sq(a: &[f32]) -> f64 = sum_sq_body;
 }
 
+/// Test reference for the difference kernels (sum and equal count in one loop).
+#[cfg(test)]
 #[inline(always)]
 fn diff_sq_eq_body(a: &[f32], b: &[f32]) -> (f64, u64) {
     let n = a.len().min(b.len());
@@ -60,8 +64,8 @@ fn diff_sq_eq_body(a: &[f32], b: &[f32]) -> (f64, u64) {
     (combine(acc), eq.iter().map(|&e| e as u64).sum())
 }
 
+#[cfg(test)]
 dispatch! {
-    #[cfg_attr(not(test), allow(dead_code))]
     /// (Σ (bᵢ − aᵢ)², #{aᵢ = bᵢ}) in f64. Slices of at most 2³² elements (callers pass sub-blocks).
     pub fn diff_sq_eq(a: &[f32], b: &[f32]) -> (f64, u64) = diff_sq_eq_body;
 }
