@@ -103,6 +103,14 @@ pub enum Error {
         /// What is unsupported.
         reason: String,
     },
+    /// A model `config.json` is unreadable or contradicts the tensors it describes.
+    #[error("{path}: invalid model config: {reason}", path = .path.display())]
+    ModelConfig {
+        /// Config file concerned.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A requested tensor does not exist in the checkpoint.
     #[error("{path}: no tensor named {name:?}", path = .path.display())]
     TensorNotFound {
@@ -158,6 +166,7 @@ impl Error {
             | Error::Tensor { .. }
             | Error::Index { .. }
             | Error::Checkpoint { .. }
+            | Error::ModelConfig { .. }
             | Error::Changed { .. }
             | Error::Unsupported { .. } => ErrorKind::InvalidInput,
         }
