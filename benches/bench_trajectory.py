@@ -68,6 +68,18 @@ LAYOUTS = [
     dict(name="llama-mini-512", hidden=512, intermediate=1408, heads=8, kv_heads=2, vocab=32000),
     dict(name="llama-mini-256", hidden=256, intermediate=704, heads=4, kv_heads=1, vocab=32000),
 ]
+# Mixtral-like shapes (``--moe`` in bench_analyze.py): GQA attention, a router
+# ``block_sparse_moe.gate.weight`` [E, hidden] and E experts of w1/w3 [I, hidden] and w2 [hidden, I].
+MOE_LAYOUTS = [
+    dict(name="mixtral-8x7b-like", hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=32000,
+         experts=8, experts_per_tok=2),
+    dict(name="mixtral-mini-1024", hidden=1024, intermediate=1408, heads=16, kv_heads=4, vocab=32000,
+         experts=8, experts_per_tok=2),
+    dict(name="mixtral-mini-512", hidden=512, intermediate=704, heads=8, kv_heads=2, vocab=32000,
+         experts=8, experts_per_tok=2),
+    dict(name="mixtral-mini-256", hidden=256, intermediate=352, heads=4, kv_heads=1, vocab=32000,
+         experts=8, experts_per_tok=2),
+]
 MIN_LAYERS = 16
 BF16_BYTES = 2
 HIGH_NOISE = 1e-2
@@ -85,31 +97,55 @@ def log(msg: str = "") -> None:
 def layer_shapes(cfg: Dict[str, Any]) -> List[Tuple[str, Tuple[int, ...], str]]:
     h, inter = cfg["hidden"], cfg["intermediate"]
     kv = cfg["kv_heads"] * (h // cfg["heads"])
-    return [
+    attn = [
         ("input_layernorm.weight", (h,), "norm"),
         ("self_attn.q_proj.weight", (h, h), "linear"),
         ("self_attn.k_proj.weight", (kv, h), "linear"),
         ("self_attn.v_proj.weight", (kv, h), "linear"),
         ("self_attn.o_proj.weight", (h, h), "linear"),
         ("post_attention_layernorm.weight", (h,), "norm"),
+    ]
+    if cfg.get("experts"):
+        moe = [("block_sparse_moe.gate.weight", (cfg["experts"], h), "router")]
+        for e in range(cfg["experts"]):
+            moe += [(f"block_sparse_moe.experts.{e}.w1.weight", (inter, h), "linear"),
+                    (f"block_sparse_moe.experts.{e}.w2.weight", (h, inter), "linear"),
+                    (f"block_sparse_moe.experts.{e}.w3.weight", (inter, h), "linear")]
+        return attn + moe
+    return attn + [
         ("mlp.gate_proj.weight", (inter, h), "linear"),
         ("mlp.up_proj.weight", (inter, h), "linear"),
         ("mlp.down_proj.weight", (h, inter), "linear"),
     ]
 
 
+def hf_config(cfg: Dict[str, Any], n_layers: int) -> Dict[str, Any]:
+    """The ``config.json`` a Hugging Face checkpoint of this layout would carry (what ``analyze`` reads)."""
+    out: Dict[str, Any] = dict(
+        architectures=["MixtralForCausalLM" if cfg.get("experts") else "LlamaForCausalLM"],
+        model_type="mixtral" if cfg.get("experts") else "llama",
+        hidden_size=cfg["hidden"], intermediate_size=cfg["intermediate"], num_hidden_layers=n_layers,
+        num_attention_heads=cfg["heads"], num_key_value_heads=cfg["kv_heads"],
+        head_dim=cfg["hidden"] // cfg["heads"], vocab_size=cfg["vocab"], tie_word_embeddings=False,
+        torch_dtype="bfloat16")
+    if cfg.get("experts"):
+        out.update(num_local_experts=cfg["experts"], num_experts_per_tok=cfg.get("experts_per_tok", 2))
+    return out
+
+
 def _numel(shape: Sequence[int]) -> int:
     return int(np.prod(shape, dtype=np.int64))
 
 
-def choose_layout(ckpt_bytes: float) -> Tuple[Dict[str, Any], int]:
-    """The largest Llama-like shape that fits MIN_LAYERS layers, and the layer count reaching the size."""
-    for cfg in LAYOUTS:
+def choose_layout(ckpt_bytes: float, moe: bool = False) -> Tuple[Dict[str, Any], int]:
+    """The largest Llama-like (or Mixtral-like) shape that fits MIN_LAYERS layers, and the layer count."""
+    layouts = MOE_LAYOUTS if moe else LAYOUTS
+    for cfg in layouts:
         h, v = cfg["hidden"], cfg["vocab"]
         fixed = (2 * v * h + h) * BF16_BYTES  # embed_tokens, lm_head, final norm
         per_layer = sum(_numel(s) for _, s, _ in layer_shapes(cfg)) * BF16_BYTES
         n = math.ceil((ckpt_bytes - fixed) / per_layer)
-        if n >= MIN_LAYERS or cfg is LAYOUTS[-1]:
+        if n >= MIN_LAYERS or cfg is layouts[-1]:
             return cfg, max(1, n)
     raise AssertionError("unreachable")
 
@@ -128,10 +164,15 @@ def tensor_specs(cfg: Dict[str, Any], n_layers: int) -> List[Dict[str, Any]]:
         specs.append(dict(index=len(specs), name=name, shape=list(shape), mean=mean, std=std, rel_noise=rel))
 
     add("model.embed_tokens.weight", (v, h), "embedding", LOW_NOISE)
+    n_exp = cfg.get("experts") or 0
     for i in range(n_layers):
         rel = HIGH_NOISE if i in high else LOW_NOISE
         for suffix, shape, kind in layer_shapes(cfg):
-            add(f"model.layers.{i}.{suffix}", shape, kind, rel)
+            r = rel
+            # MoE: one expert per layer (e = i mod E) also moves 10x more, so expert drift is localised.
+            if n_exp and suffix.startswith(f"block_sparse_moe.experts.{i % n_exp}."):
+                r = HIGH_NOISE
+            add(f"model.layers.{i}.{suffix}", shape, kind, r)
     add("model.norm.weight", (h,), "norm", LOW_NOISE)
     add("lm_head.weight", (v, h), "lm_head", LOW_NOISE)
     return specs
@@ -188,8 +229,11 @@ def shard_name(i: int, n: int) -> str:
 
 
 def manifest_key(args: argparse.Namespace) -> Dict[str, Any]:
-    return dict(generator_version=GENERATOR_VERSION, size_gb=args.size_gb, seed=args.seed,
-                shard_gb=args.shard_gb)
+    key = dict(generator_version=GENERATOR_VERSION, size_gb=args.size_gb, seed=args.seed,
+               shard_gb=args.shard_gb)
+    if getattr(args, "moe", False):
+        key["moe"] = True  # absent for the dense layout, so caches written before MoE existed still match
+    return key
 
 
 def load_manifest(data_dir: Path, key: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -220,7 +264,7 @@ def generate(args: argparse.Namespace) -> Dict[str, Any]:
         return man
 
     ckpt_bytes = args.size_gb * GB / 2
-    cfg, n_layers = choose_layout(ckpt_bytes)
+    cfg, n_layers = choose_layout(ckpt_bytes, moe=getattr(args, "moe", False))
     specs = tensor_specs(cfg, n_layers)
     groups = plan_shards(specs, args.shard_gb * GB)
     data_bytes = sum(_numel(s["shape"]) * BF16_BYTES for s in specs)
