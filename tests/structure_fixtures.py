@@ -37,7 +37,7 @@ _BASE = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_la
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
              tie_word_embeddings=False)
 
-_MLA = dict(kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=12,
+_MLA = dict(kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=10,
             n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=48,
             n_group=1, topk_group=1, num_key_value_heads=4)
 
@@ -342,12 +342,6 @@ def _noise_like(x: np.ndarray, scale: float, *key) -> np.ndarray:
     return (s * _rng(*key).standard_normal(x.shape)).astype(x.dtype)
 
 
-def head_row_slices(lay: Layout, h: int) -> Dict[str, Tuple[str, slice]]:
-    """For query head h: {role: (tensor, slice)}; role 'q' slices rows, 'o' slices columns."""
-    a = lay.attn(h and 0)  # names only depend on the layer; filled per layer by the caller
-    return {}
-
-
 def plant_drift(base_dir: Path, out_dir: Path, *, heads: Sequence[Tuple[int, int]] = (),
                 kv_heads: Sequence[Tuple[int, int]] = (), experts: Sequence[Tuple[int, int]] = (),
                 routers: Sequence[Tuple[int, int]] = (), router_shift: Optional[Tuple[int, float]] = None,
@@ -384,7 +378,7 @@ def plant_drift(base_dir: Path, out_dir: Path, *, heads: Sequence[Tuple[int, int
     ws = {k: v.copy() for k, v in ws.items()}
     if background > 0:
         for k, v in ws.items():
-            if v.dtype.kind == "f":
+            if v.dtype.kind == "f" and np.any(v != 0):   # zero-init biases stay zero
                 v += _noise_like(v, background, seed, "bg", k)
 
     def add(name: str, idx, *key) -> None:
@@ -430,6 +424,38 @@ def plant_drift(base_dir: Path, out_dir: Path, *, heads: Sequence[Tuple[int, int
     return out_dir
 
 
+def rename_unknown(base_dir: Path, out_dir: Path) -> Path:
+    """An "unknown architecture": config model_type 'madeup' and every tensor renamed
+    (``model.layers.L.self_attn.q_proj.weight`` -> ``trunk.blocks.L.mix.wq``, ...), same shards."""
+    from safetensors.numpy import save_file
+
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((base_dir / "config.json").read_text())
+    cfg = {"model_type": "madeup", "architectures": ["MadeUpForCausalLM"], "hidden_size": cfg.get("hidden_size"),
+           "n_blocks": cfg.get("num_hidden_layers"), "n_mixers": cfg.get("num_attention_heads")}
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=1))
+
+    def rn(n: str) -> str:
+        for a, b in (("model.layers.", "trunk.blocks."), ("self_attn.", "mix."), ("mlp.", "ffn."),
+                     ("q_proj.weight", "wq"), ("k_proj.weight", "wk"), ("v_proj.weight", "wv"),
+                     ("o_proj.weight", "wo"), ("gate_proj.weight", "w_in"), ("up_proj.weight", "w_lin"),
+                     ("down_proj.weight", "w_out"), ("model.", "trunk."), ("lm_head.", "unembed.")):
+            n = n.replace(a, b)
+        return n
+
+    index = json.loads((base_dir / INDEX).read_text())
+    ws = load_numpy(base_dir)
+    by_file: Dict[str, List[str]] = {}
+    for k, f in index["weight_map"].items():
+        by_file.setdefault(f, []).append(k)
+    for f, keys in by_file.items():
+        save_file({rn(k): ws[k] for k in keys}, str(out_dir / f))
+    index["weight_map"] = {rn(k): f for k, f in index["weight_map"].items()}
+    (out_dir / INDEX).write_text(json.dumps(index, indent=1))
+    return out_dir
+
+
 def _metadata(path: Path) -> Optional[Dict[str, str]]:
     with open(path, "rb") as fh:
         n = int.from_bytes(fh.read(8), "little")
@@ -468,3 +494,88 @@ if __name__ == "__main__":  # python tests/structure_fixtures.py [variants...]
         for v in sys.argv[1:] or ALL_VARIANTS:
             data = dump_reference(v, here / f"{v}.json", Path(t))
             print(v, len(data["tensors"]), "tensors")
+
+
+# --------------------------------------------------------------------------------------------------
+# Standard scenario per variant (shared by test_structure_oracle.py and test_structure.py)
+# --------------------------------------------------------------------------------------------------
+
+#: what ``Analysis.structure`` must report, per variant (derived by hand from the configs above)
+EXPECTED_STRUCTURE: Dict[str, Dict] = {
+    "llama": dict(model_type="llama", n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, n_experts=0, moe_layers=[], mla=False),
+    "mistral": dict(model_type="mistral", n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, n_experts=0, moe_layers=[], mla=False),
+    "qwen2": dict(model_type="qwen2", n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, n_experts=0, moe_layers=[], mla=False),
+    "qwen3": dict(model_type="qwen3", n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, n_experts=0, moe_layers=[], mla=False),
+    "mixtral": dict(model_type="mixtral", n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, n_experts=4, moe_layers=[0, 1], mla=False),
+    "qwen2_moe": dict(model_type="qwen2_moe", n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, n_experts=4, moe_layers=[1], mla=False),
+    "qwen3_moe": dict(model_type="qwen3_moe", n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, n_experts=4, moe_layers=[0, 1], mla=False),
+    # MLA: head_dim = the query/key head width d_nope + d_rope = 8 + 4; H_kv = H. (v_head_dim = 10 differs
+    # from both d_nope and d_qk, so a wrong kv_b_proj or o_proj split is caught.)
+    "deepseek_v2": dict(model_type="deepseek_v2", n_layers=3, n_heads=4, n_kv_heads=4, head_dim=12, n_experts=4, moe_layers=[1, 2], mla=True),
+    "deepseek_v3": dict(model_type="deepseek_v3", n_layers=2, n_heads=4, n_kv_heads=4, head_dim=12, n_experts=4, moe_layers=[1], mla=True),
+    "olmoe": dict(model_type="olmoe", n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, n_experts=4, moe_layers=[0, 1], mla=False),
+    "llama4_text": dict(model_type="llama4_text", n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, n_experts=4, moe_layers=[1, 3], mla=False),
+    "llama4_multimodal": dict(model_type="llama4", n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, n_experts=4, moe_layers=[1, 3], mla=False),
+    "gpt_oss": dict(model_type="gpt_oss", n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, n_experts=4, moe_layers=[0, 1], mla=False),
+}
+
+MOE_VARIANTS = [v for v, s in EXPECTED_STRUCTURE.items() if s["n_experts"]]
+SCALE = 0.05
+BACKGROUND = 1e-4
+
+
+@dataclass
+class Case:
+    """base, ft1 (planted, nothing else moves), ft2 (= ft1 + more planted + background noise) and, for
+    MoE variants, ``shift`` (= base + a row shift of one router, nothing else)."""
+
+    variant: str
+    base: Path
+    ft1: Path
+    ft2: Path
+    shift: Optional[Path]
+    layout: Layout
+    heads: Dict[int, set]        # checkpoint -> {(layer, head)} with planted drift
+    experts: Dict[int, set]      # checkpoint -> {(layer, expert)} (-1 = shared)
+    routers: Dict[int, set]      # checkpoint -> {(layer, expert)}
+    kv_plant: Optional[Tuple[int, int]]   # (layer, kv head) planted in ft1
+    shift_layer: Optional[int]
+
+    @property
+    def paths(self) -> List[Path]:
+        return [self.base, self.ft1, self.ft2]
+
+
+def build_case(variant: str, base: Path, root: Path) -> Case:
+    root = Path(root)
+    lay = layout_of(variant, base)
+    last = lay.n_layers - 1
+    p1: Dict = dict(heads=[(0, 1)], kv_heads=[], experts=[], routers=[])
+    heads1 = {(0, 1)}
+    kv = None
+    if lay.mla:
+        p1["heads"].append((last, 2))
+        heads1.add((last, 2))
+    else:
+        kv = (last, 1)
+        p1["kv_heads"] = [kv]
+        heads1 |= {(last, h) for h in range(kv[1] * lay.g, (kv[1] + 1) * lay.g)}
+    ex1, ro1, ex2, ro2 = set(), set(), set(), set()
+    p2: Dict = dict(heads=[(last, 0)], experts=[], routers=[], router_bias=[])
+    shift_layer = None
+    if lay.moe_layers:
+        m0, mf = lay.moe_layers[-1], lay.moe_layers[0]
+        ex1 = {(m0, 2)} | ({(m0, -1)} if lay.has_shared(m0) else set())
+        ro1 = {(m0, 1)}
+        p1["experts"], p1["routers"] = sorted(ex1), sorted(ro1)
+        ex2, ro2 = {(mf, 0)}, {(mf, 3)}
+        p2.update(experts=sorted(ex2), routers=sorted(ro2), router_bias=[mf])
+        shift_layer = m0
+    ft1 = plant_drift(base, root / "ft1", scale=SCALE, seed=1, variant=variant, **p1)
+    ft2 = plant_drift(ft1, root / "ft2", scale=SCALE, seed=2, background=BACKGROUND, variant=variant, **p2)
+    shift = None
+    if shift_layer is not None:
+        shift = plant_drift(base, root / "shift", router_shift=(shift_layer, 0.5), seed=3, variant=variant)
+    return Case(variant, Path(base), ft1, ft2, shift, lay,
+                heads={1: heads1, 2: heads1 | {(last, 0)}}, experts={1: ex1, 2: ex1 | ex2},
+                routers={1: ro1, 2: ro1 | ro2}, kv_plant=kv, shift_layer=shift_layer)
