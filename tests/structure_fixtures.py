@@ -561,7 +561,10 @@ def build_case(variant: str, base: Path, root: Path) -> Case:
         p1["kv_heads"] = [kv]
         heads1 |= {(last, h) for h in range(kv[1] * lay.g, (kv[1] + 1) * lay.g)}
     ex1, ro1, ex2, ro2 = set(), set(), set(), set()
-    p2: Dict = dict(heads=[(last, 0)], experts=[], routers=[], router_bias=[])
+    # ft2 adds a head only for MLA: with H = 4 and g = 2 the non-MLA models already have 3 of 8 heads
+    # planted, and the robust z-score needs a majority of unplanted heads
+    heads2 = {(last, 0)} if lay.mla else set()
+    p2: Dict = dict(heads=sorted(heads2), experts=[], routers=[], router_bias=[])
     shift_layer = None
     if lay.moe_layers:
         m0, mf = lay.moe_layers[-1], lay.moe_layers[0]
@@ -577,5 +580,5 @@ def build_case(variant: str, base: Path, root: Path) -> Case:
     if shift_layer is not None:
         shift = plant_drift(base, root / "shift", router_shift=(shift_layer, 0.5), seed=3, variant=variant)
     return Case(variant, Path(base), ft1, ft2, shift, lay,
-                heads={1: heads1, 2: heads1 | {(last, 0)}}, experts={1: ex1, 2: ex1 | ex2},
+                heads={1: heads1, 2: heads1 | heads2}, experts={1: ex1, 2: ex1 | ex2},
                 routers={1: ro1, 2: ro1 | ro2}, kv_plant=kv, shift_layer=shift_layer)

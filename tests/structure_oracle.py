@@ -17,7 +17,8 @@ and a ``structure_fixtures.Layout``. Conventions chosen here where METRICS.md le
 - Expert ρ_e uses gate/up/down weights (GPT-OSS expert biases excluded). Shared expert: expert = -1.
 - Gini over the routed experts of a layer: Σ_i Σ_j |x_i − x_j| / (2 n² x̄); NaN if x̄ = 0.
 - Router 1 − cos via ‖r̂₀ − r̂_t‖²/2 (accurate for small drift). Centred router: R − 1 r̄ᵀ, r̄ = row mean.
-- Spectra: σ from np.linalg.svd; sr, PR, erank, erank2 NaN when the matrix is 0.
+- Spectra: σ from np.linalg.svd, σ_i ≤ max(m,n)·eps·σ₁ set to 0 (numerical rank); sr, PR, erank, erank2
+  NaN when the matrix is 0.
 - Subspaces: θ_i = atan2(sin θ_i, cos θ_i) with sines σ(U_t − U₀U₀ᵀU_t) (ascending) and cosines
   σ(U₀ᵀU_t) (descending); angles in radians; excess overlap Ω − k/m (m = rows for the left side, columns
   for the right side); gap ratio σ_{k+1}/σ_k (NaN if k = min(m, n) or σ_k = 0).
@@ -227,6 +228,10 @@ def layer_rows(lay, w0: Weights, cks: Sequence[Weights], heads: Optional[List[Di
 def spectrum(m: np.ndarray) -> Dict[str, float]:
     m = np.asarray(m, dtype=np.float64)
     s = np.linalg.svd(m, compute_uv=False)
+    # numerical rank (as np.linalg.matrix_rank): singular values at rounding level are 0, so erank of a
+    # rank-deficient Δ (every planted delta) does not depend on noise in its null space
+    if s.size and s[0] > 0:
+        s = np.where(s > max(m.shape) * np.finfo(np.float64).eps * s[0], s, 0.0)
     out = dict(m=int(m.shape[0]), n=int(m.shape[1]), sigma1=float(s[0]) if s.size else 0.0)
     if not s.size or s[0] == 0:
         out.update(stable_rank=math.nan, participation_ratio=math.nan, erank=math.nan, erank2=math.nan)
