@@ -345,7 +345,7 @@ def _noise_like(x: np.ndarray, scale: float, *key) -> np.ndarray:
 def plant_drift(base_dir: Path, out_dir: Path, *, heads: Sequence[Tuple[int, int]] = (),
                 kv_heads: Sequence[Tuple[int, int]] = (), experts: Sequence[Tuple[int, int]] = (),
                 routers: Sequence[Tuple[int, int]] = (), router_shift: Optional[Tuple[int, float]] = None,
-                router_bias: Sequence[int] = (), scale: float = 0.05, background: float = 0.0,
+                router_bias: Sequence[int] = (), tensors: Sequence[str] = (), scale: float = 0.05, background: float = 0.0,
                 seed: int = 0, variant: Optional[str] = None) -> Path:
     """Write a fine-tune of ``base_dir`` into ``out_dir`` with drift in exactly the named places.
 
@@ -357,6 +357,7 @@ def plant_drift(base_dir: Path, out_dir: Path, *, heads: Sequence[Tuple[int, int
     - ``routers=[(l, e)]``: router row e of layer l.
     - ``router_shift=(l, c)``: add one seeded vector (norm c * ||R||/sqrt(E)) to every router row.
     - ``router_bias=[l]``: noise on the GPT-OSS router bias / DeepSeek-V3 e_score_correction_bias.
+    - ``tensors=[name]``: noise on the whole of each named tensor.
     - ``background``: relative noise on every float tensor (applied first), so rankings are non-trivial.
 
     Noise is ``scale`` times the rms of the slice it lands in, seeded by (seed, tensor, slice). The
@@ -413,6 +414,9 @@ def plant_drift(base_dir: Path, out_dir: Path, *, heads: Sequence[Tuple[int, int
         for name in (lay.router_bias(l), lay.score_correction_bias(l)):
             if name is not None:
                 add(name, (slice(None),), "bias")
+
+    for name in tensors:
+        add(name, (slice(None),), "tensor")
 
     index = json.loads((base_dir / INDEX).read_text())
     by_file: Dict[str, List[str]] = {}
