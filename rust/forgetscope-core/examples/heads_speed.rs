@@ -100,7 +100,12 @@ fn main() {
         let k = rand_vec(hkv * d * n, 2, 0.02);
         let v = rand_vec(hkv * d * n, 3, 0.02);
         let o = rand_vec(n * h * d, 4, 0.02);
-        let (q1, k1, v1, o1) = (perturb(&q, 5), perturb(&k, 6), perturb(&v, 7), perturb(&o, 8));
+        let (q1, k1, v1, o1) = (
+            perturb(&q, 5),
+            perturb(&k, 6),
+            perturb(&v, 7),
+            perturb(&o, 8),
+        );
         let b = AttnWeights {
             q: &q,
             k: &k,

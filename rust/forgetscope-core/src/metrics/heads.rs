@@ -235,7 +235,14 @@ fn lanes_sum(l: &Lanes) -> f64 {
 }
 
 /// Writes x₀ = b and Δ = c − b (f64) into `top` / `bot` and adds Σx₀², ΣΔ² to the lanes.
-fn fill_pair(b: &[f32], c: &[f32], top: &mut [f64], bot: &mut [f64], sb: &mut Lanes, sd: &mut Lanes) {
+fn fill_pair(
+    b: &[f32],
+    c: &[f32],
+    top: &mut [f64],
+    bot: &mut [f64],
+    sb: &mut Lanes,
+    sd: &mut Lanes,
+) {
     let n = b.len();
     let (c, top, bot) = (&c[..n], &mut top[..n], &mut bot[..n]);
     let main = n - n % 8;
@@ -478,7 +485,14 @@ fn dims(what: &str, factors: &[usize]) -> Result<usize> {
         .ok_or_else(|| config(format!("{what}: size {factors:?} overflows usize")))
 }
 
-fn check_len(ctx: &str, which: &str, name: &str, len: usize, want: usize, shape: &str) -> Result<()> {
+fn check_len(
+    ctx: &str,
+    which: &str,
+    name: &str,
+    len: usize,
+    want: usize,
+    shape: &str,
+) -> Result<()> {
     if len == want {
         Ok(())
     } else {
@@ -572,9 +586,30 @@ pub fn head_drift(
     }
     let qb_shape = format!("[n_heads·head_dim] = [{qb_len}]");
     let kvb_shape = format!("[n_kv_heads·head_dim] = [{kvb_len}]");
-    check_bias("fine-tuned", "q_proj.bias", base.q_bias, ckpt.q_bias, qb_len, &qb_shape)?;
-    check_bias("fine-tuned", "k_proj.bias", base.k_bias, ckpt.k_bias, kvb_len, &kvb_shape)?;
-    check_bias("fine-tuned", "v_proj.bias", base.v_bias, ckpt.v_bias, kvb_len, &kvb_shape)?;
+    check_bias(
+        "fine-tuned",
+        "q_proj.bias",
+        base.q_bias,
+        ckpt.q_bias,
+        qb_len,
+        &qb_shape,
+    )?;
+    check_bias(
+        "fine-tuned",
+        "k_proj.bias",
+        base.k_bias,
+        ckpt.k_bias,
+        kvb_len,
+        &kvb_shape,
+    )?;
+    check_bias(
+        "fine-tuned",
+        "v_proj.bias",
+        base.v_bias,
+        ckpt.v_bias,
+        kvb_len,
+        &kvb_shape,
+    )?;
 
     // Kv sides first (2·H_kv jobs: K_j and V_j), shared by the g query heads of each kv head.
     let kv: Vec<(Side, f64, f64)> = (0..2 * hkv)
@@ -656,9 +691,11 @@ pub fn mla_head_drift(
         g.qk_rope_head_dim,
         g.v_head_dim,
     );
-    let dqk = nope
-        .checked_add(rope)
-        .ok_or_else(|| config(format!("{CTX}: qk_nope_head_dim + qk_rope_head_dim overflows")))?;
+    let dqk = nope.checked_add(rope).ok_or_else(|| {
+        config(format!(
+            "{CTX}: qk_nope_head_dim + qk_rope_head_dim overflows"
+        ))
+    })?;
     positive(CTX, &[("qk_nope_head_dim + qk_rope_head_dim", dqk)])?;
     let dkv = nope
         .checked_add(dv)
@@ -947,7 +984,8 @@ mod tests {
                 let o2 = sq_diff(&o0, &ot);
                 let gf = grp as f64;
                 let drift2 = q2 + o2 + (k2 + v2) / gf;
-                let base2 = sq(&q0) + sq(&qb0) + sq(&o0) + (sq(&k0) + sq(&kb0) + sq(&v0) + sq(&vb0)) / gf;
+                let base2 =
+                    sq(&q0) + sq(&qb0) + sq(&o0) + (sq(&k0) + sq(&kb0) + sq(&v0) + sq(&vb0)) / gf;
                 let (qk, qkb) = circuit_oracle(&q0, &qt, &k0, &kt);
                 let (ov, ovb) = circuit_oracle(&o0, &ot, &v0, &vt);
                 HeadDrift {
@@ -996,7 +1034,11 @@ mod tests {
         for (x, y) in got.iter().zip(want) {
             assert_eq!((x.head, x.kv_head), (y.head, y.kv_head));
             for ((name, a), (_, b)) in fields(x).into_iter().zip(fields(y)) {
-                assert!(close(a, b, rtol), "head {} {name}: got {a:e}, oracle {b:e}", x.head);
+                assert!(
+                    close(a, b, rtol),
+                    "head {} {name}: got {a:e}, oracle {b:e}",
+                    x.head
+                );
             }
         }
     }
@@ -1156,7 +1198,8 @@ mod tests {
                 .map(|(i, j)| m[i][j] * l[j][i])
                 .sum()
         };
-        let naive = tr(&gram(&at, &at), &gram(&bt, &bt)) - 2.0 * tr(&gram(&at, &a0), &gram(&b0, &bt))
+        let naive = tr(&gram(&at, &at), &gram(&bt, &bt))
+            - 2.0 * tr(&gram(&at, &a0), &gram(&b0, &bt))
             + tr(&gram(&a0, &a0), &gram(&b0, &b0));
         let naive = naive.max(0.0).sqrt();
         assert!(
@@ -1187,7 +1230,10 @@ mod tests {
     fn many_panels_agree_with_whole_gram() {
         let g = geom(2, 1, 8, 40_000);
         let (h, d, n) = (g.n_heads, g.head_dim, g.hidden);
-        assert!(n > PANEL_BYTES / (16 * d), "the test must span several panels");
+        assert!(
+            n > PANEL_BYTES / (16 * d),
+            "the test must span several panels"
+        );
         let b = Layer::random(&g, false, 31);
         let c = b.moved(41, 0.01);
         let out = head_drift(&b.w(), &c.w(), &g).unwrap();
@@ -1205,7 +1251,11 @@ mod tests {
         };
         let gram = |p: &[Vec<f64>]| -> Vec<Vec<f64>> {
             p.iter()
-                .map(|x| p.iter().map(|y| x.iter().zip(y).map(|(s, t)| s * t).sum()).collect())
+                .map(|x| {
+                    p.iter()
+                        .map(|y| x.iter().zip(y).map(|(s, t)| s * t).sum())
+                        .collect()
+                })
                 .collect()
         };
         let frob2_of_product = |cm: &[Vec<f64>], dm: &[Vec<f64>]| -> f64 {
@@ -1227,8 +1277,16 @@ mod tests {
             );
             let qk = frob2_of_product(&stacked(&q0, &qt, true), &stacked(&k0, &kt, false)).sqrt();
             let ov = frob2_of_product(&stacked(&o0, &ot, true), &stacked(&v0, &vt, false)).sqrt();
-            assert!(close(x.qk_circuit_drift, qk, 1e-10), "{:e} {qk:e}", x.qk_circuit_drift);
-            assert!(close(x.ov_circuit_drift, ov, 1e-10), "{:e} {ov:e}", x.ov_circuit_drift);
+            assert!(
+                close(x.qk_circuit_drift, qk, 1e-10),
+                "{:e} {qk:e}",
+                x.qk_circuit_drift
+            );
+            assert!(
+                close(x.ov_circuit_drift, ov, 1e-10),
+                "{:e} {ov:e}",
+                x.ov_circuit_drift
+            );
             assert!(close(x.q_delta * x.q_delta, sq_diff(&q0, &qt), 1e-12));
             assert!(close(x.o_delta * x.o_delta, sq_diff(&o0, &ot), 1e-12));
         }
@@ -1245,7 +1303,14 @@ mod tests {
             c.q[d * n + 3] = bad; // head 1
             let out = head_drift(&b.w(), &c.w(), &g).unwrap();
             let x = &out[1];
-            for v in [x.q_delta, x.drift2, x.drift, x.rel_drift, x.qk_circuit_drift, x.qk_circuit_rel] {
+            for v in [
+                x.q_delta,
+                x.drift2,
+                x.drift,
+                x.rel_drift,
+                x.qk_circuit_drift,
+                x.qk_circuit_rel,
+            ] {
                 assert!(v.is_nan(), "{x:?}");
             }
             assert!(x.o_delta.is_finite() && x.ov_circuit_drift.is_finite());
@@ -1309,7 +1374,10 @@ mod tests {
         let b = Layer::random(&g, true, 4);
         let c = b.moved(5, 0.05);
         let run = |t: usize| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .unwrap();
             let out = pool.install(|| head_drift(&b.w(), &c.w(), &g)).unwrap();
             out.iter()
                 .flat_map(|x| fields(x).map(|(_, v)| v.to_bits()))
@@ -1328,7 +1396,11 @@ mod tests {
 
     impl Mla {
         fn random(g: &MlaGeometry, seed: u64) -> Self {
-            let (h, dqk, dkv) = (g.n_heads, g.qk_nope_head_dim + g.qk_rope_head_dim, g.qk_nope_head_dim + g.v_head_dim);
+            let (h, dqk, dkv) = (
+                g.n_heads,
+                g.qk_nope_head_dim + g.qk_rope_head_dim,
+                g.qk_nope_head_dim + g.v_head_dim,
+            );
             Mla {
                 q: rand_vec(h * dqk * g.q_in, seed),
                 kvb: rand_vec(h * dkv * g.kv_lora_rank, seed + 1),
@@ -1354,7 +1426,12 @@ mod tests {
     }
 
     fn mla_oracle(b: &Mla, c: &Mla, g: &MlaGeometry) -> Vec<HeadDrift> {
-        let (h, nope, rope, dv) = (g.n_heads, g.qk_nope_head_dim, g.qk_rope_head_dim, g.v_head_dim);
+        let (h, nope, rope, dv) = (
+            g.n_heads,
+            g.qk_nope_head_dim,
+            g.qk_rope_head_dim,
+            g.v_head_dim,
+        );
         let (dqk, dkv) = (nope + rope, nope + dv);
         (0..h)
             .map(|hh| {
@@ -1372,7 +1449,8 @@ mod tests {
                     &rows(&c.kvb, hh * dkv, dkv, g.kv_lora_rank),
                 );
                 let drift2 = q2 + kvb2 + o2;
-                let base2 = sq(&q(b)) + sq(&rows(&b.kvb, hh * dkv, dkv, g.kv_lora_rank)) + sq(&o(b));
+                let base2 =
+                    sq(&q(b)) + sq(&rows(&b.kvb, hh * dkv, dkv, g.kv_lora_rank)) + sq(&o(b));
                 let (qk, qkb) = circuit_oracle(&qn(b), &qn(c), &k(b), &k(c));
                 let (ov, ovb) = circuit_oracle(&o(b), &o(c), &v(b), &v(c));
                 HeadDrift {
@@ -1395,7 +1473,15 @@ mod tests {
             .collect()
     }
 
-    fn mla_geom(h: usize, nope: usize, rope: usize, dv: usize, q_in: usize, kv: usize, hidden: usize) -> MlaGeometry {
+    fn mla_geom(
+        h: usize,
+        nope: usize,
+        rope: usize,
+        dv: usize,
+        q_in: usize,
+        kv: usize,
+        hidden: usize,
+    ) -> MlaGeometry {
         MlaGeometry {
             n_heads: h,
             qk_nope_head_dim: nope,
@@ -1419,10 +1505,14 @@ mod tests {
             let got = mla_head_drift(&b.w(), &c.w(), &g).unwrap();
             assert_matches(&got, &mla_oracle(&b, &c, &g), 1e-10);
             if g.qk_nope_head_dim == 0 {
-                assert!(got.iter().all(|x| x.qk_circuit_drift == 0.0 && x.qk_circuit_rel.is_nan()));
+                assert!(got
+                    .iter()
+                    .all(|x| x.qk_circuit_drift == 0.0 && x.qk_circuit_rel.is_nan()));
             }
             let same = mla_head_drift(&b.w(), &b.w(), &g).unwrap();
-            assert!(same.iter().all(|x| x.drift2 == 0.0 && x.ov_circuit_drift == 0.0));
+            assert!(same
+                .iter()
+                .all(|x| x.drift2 == 0.0 && x.ov_circuit_drift == 0.0));
         }
     }
 
@@ -1437,7 +1527,9 @@ mod tests {
             other => panic!("{other:?}"),
         }
         match mla_head_drift(&b.w(), &b.w(), &mla_geom(2, 0, 0, 2, 3, 4, 5)) {
-            Err(Error::Config { reason }) => assert!(reason.contains("qk_rope_head_dim"), "{reason}"),
+            Err(Error::Config { reason }) => {
+                assert!(reason.contains("qk_rope_head_dim"), "{reason}")
+            }
             other => panic!("{other:?}"),
         }
     }
