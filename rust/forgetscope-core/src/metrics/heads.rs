@@ -512,7 +512,6 @@ fn positive(ctx: &str, pairs: &[(&str, usize)]) -> Result<()> {
 }
 
 fn check_bias(
-    which: &str,
     name: &str,
     b: Option<&[f32]>,
     c: Option<&[f32]>,
@@ -524,7 +523,7 @@ fn check_bias(
         (None, None) => Ok(()),
         (Some(b), Some(c)) => {
             check_len(CTX, "base", name, b.len(), want, shape)?;
-            check_len(CTX, which, name, c.len(), want, shape)
+            check_len(CTX, "fine-tuned", name, c.len(), want, shape)
         }
         (Some(_), None) => Err(config(format!(
             "{CTX}: {name} is present in the base checkpoint but not in the fine-tuned one"
@@ -586,30 +585,9 @@ pub fn head_drift(
     }
     let qb_shape = format!("[n_heads·head_dim] = [{qb_len}]");
     let kvb_shape = format!("[n_kv_heads·head_dim] = [{kvb_len}]");
-    check_bias(
-        "fine-tuned",
-        "q_proj.bias",
-        base.q_bias,
-        ckpt.q_bias,
-        qb_len,
-        &qb_shape,
-    )?;
-    check_bias(
-        "fine-tuned",
-        "k_proj.bias",
-        base.k_bias,
-        ckpt.k_bias,
-        kvb_len,
-        &kvb_shape,
-    )?;
-    check_bias(
-        "fine-tuned",
-        "v_proj.bias",
-        base.v_bias,
-        ckpt.v_bias,
-        kvb_len,
-        &kvb_shape,
-    )?;
+    check_bias("q_proj.bias", base.q_bias, ckpt.q_bias, qb_len, &qb_shape)?;
+    check_bias("k_proj.bias", base.k_bias, ckpt.k_bias, kvb_len, &kvb_shape)?;
+    check_bias("v_proj.bias", base.v_bias, ckpt.v_bias, kvb_len, &kvb_shape)?;
 
     // Kv sides first (2·H_kv jobs: K_j and V_j), shared by the g query heads of each kv head.
     let kv: Vec<(Side, f64, f64)> = (0..2 * hkv)
