@@ -150,7 +150,7 @@ fn main() {
         println!("head_drift {g:?}");
     }
     println!(
-        "threads {}  best of {reps}: {:.3} s wall, {:.3} s CPU  Gram rate {:.1} GFLOP/s ({:.1} GFLOP)",
+        "threads {}  best of {reps}: {:.3} s wall, {:.3} s CPU  Gram {:.1} GFLOP/s ({:.1} GFLOP)",
         pool.current_num_threads(),
         best,
         best_cpu,

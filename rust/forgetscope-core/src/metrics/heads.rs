@@ -14,7 +14,7 @@
 //! **Head drift score \[ours\]** (Δ = W_t − W₀, ‖·‖ Frobenius):
 //!
 //! ```text
-//! GQA: D_h² = ‖ΔQ_h‖² + ‖ΔO_{:,h}‖² + (‖ΔK_j(h)‖² + ‖ΔV_j(h)‖²)/g     (+ bias slices in the q/k/v terms)
+//! GQA: D_h² = ‖ΔQ_h‖² + ‖ΔO_{:,h}‖² + (‖ΔK_j(h)‖² + ‖ΔV_j(h)‖²)/g   (+ bias slices in q/k/v terms)
 //! MLA: D_h² = ‖ΔQ_h‖² + ‖ΔKVb_h‖² + ‖ΔO_h‖²                          (no sharing between heads)
 //! ```
 //!
@@ -35,9 +35,10 @@
 //! The textbook expansion (METRICS §1.4)
 //! ‖A_tᵀB_t − A₀ᵀB₀‖² = tr(A_tA_tᵀB_tB_tᵀ) − 2tr((A_tA₀ᵀ)(B₀B_tᵀ)) + tr(A₀A₀ᵀB₀B₀ᵀ)
 //! subtracts quantities of size ‖W_QK‖² and loses everything below ≈ 1e-16·‖W_QK‖² (absolute):
-//! a one-ulp fine-tune of an f32 head comes out as noise or 0. We use instead the cancellation-free
-//! form \[ours, derived and checked against an explicit oracle in the tests\]: with ΔA = A_t − A₀ and
-//! ΔB = B_t − B₀ (exact in f64 for f32 inputs),
+//! a one-ulp fine-tune of an f32 head comes out as noise or 0. We use instead the
+//! cancellation-free form \[ours, derived and checked against an explicit oracle in the tests\]:
+//! with ΔA = A_t − A₀ and ΔB = B_t − B₀ (f32 values subtracted in f64: exact unless their
+//! magnitudes differ by more than 2²⁸),
 //!
 //! ```text
 //! A_tᵀB_t − A₀ᵀB₀ = ΔAᵀB_t + A₀ᵀΔB =: X + Y
@@ -61,16 +62,16 @@
 //! matching `rel` field NaN. Nothing panics; dimension mismatches return [`Error::Config`].
 //!
 //! **Cost.** Per side (one r-row slice over n columns) one 2r×2r lower-triangular Gram: 2r²n
-//! multiply-adds, plus O(rn) to convert and O(r²) per trace. GQA: H sides of q and o rows
-//! (r = d_h over `hidden`), H_kv of k and v, so 4d_h²·hidden·(H + H_kv) flops; a 4096-hidden,
-//! 32/8-head layer is 21 GFLOP. Extra memory: one 2r×2r f64 Gram per kv side held for the layer
-//! (8 MiB for that layer) + one panel and two Grams per worker. Work is split over heads on the
-//! current rayon pool; each head runs sequentially in a fixed order, so results are bit-identical
-//! for every thread count. Measured (`examples/heads_speed.rs`, release, 2 cores, shared machine):
-//! the 4096-hidden 32/8-head layer takes 0.30 s wall (best of 5 at light load) and 0.50 s of CPU
-//! in total (≈ 43 GFLOP/s per core, the rate of faer's f64 lower-triangular GEMM alone on these
-//! shapes; the f32→f64 panel fill is ~15% of the profile); one DeepSeek-V3 MLA layer (128 heads,
-//! 81.6 GFLOP) 2.6 s of CPU.
+//! multiply-adds, plus O(rn) to convert and O(r²) per trace. GQA: 2H sides (q rows, o columns) and
+//! 2H_kv (k, v rows), all r = d_h over n = `hidden`, so 8·d_h²·hidden·(H + H_kv) flops; a
+//! 4096-hidden, 32/8-head layer is 21.5 GFLOP. Extra memory: one 2r×2r f64 Gram per kv side held
+//! for the layer (8 MiB for that layer) + one panel and two Grams per worker. Work is split over
+//! heads on the current rayon pool; each head runs sequentially in a fixed order, so results are
+//! bit-identical for every thread count. Measured (`examples/heads_speed.rs`, release, 2 cores,
+//! shared machine): the 4096-hidden 32/8-head layer takes 0.30 s wall (best of 5 at light load) and
+//! 0.50 s of CPU in total (≈ 43 GFLOP/s per core, the rate of faer's f64 lower-triangular GEMM
+//! alone on these shapes; the f32→f64 panel fill is ~15% of the profile); one DeepSeek-V3 MLA layer
+//! (128 heads, 81.6 GFLOP) 2.6 s of CPU.
 //!
 //! **Disrupted heads** ([`robust_z`], METRICS §1.4): z_h = (D_h − median)/(1.4826·MAD) over the
 //! heads of the model; the caller thresholds it (z > 3 by default in the front end).
@@ -1564,14 +1565,16 @@ mod tests {
         #[test]
         fn gqa_conservation_and_oracle(
             hkv in 1usize..4, grp in 1usize..4, d in 1usize..6, n in 1usize..10,
-            bias in any::<bool>(), seed in 0u64..1_000_000, eps in prop_oneof![Just(0.5f32), Just(1e-3f32)],
+            bias in any::<bool>(), seed in 0u64..1_000_000,
+            eps in prop_oneof![Just(0.5f32), Just(1e-3f32)],
         ) {
             let g = geom(hkv * grp, hkv, d, n);
             let b = Layer::random(&g, bias, seed);
             let c = b.moved(seed + 100, eps);
             let out = head_drift(&b.w(), &c.w(), &g).unwrap();
             let sum: f64 = out.iter().map(|x| x.drift2).sum();
-            let mut want = total_sq(&b.q, &c.q) + total_sq(&b.k, &c.k) + total_sq(&b.v, &c.v) + total_sq(&b.o, &c.o);
+            let mut want = total_sq(&b.q, &c.q) + total_sq(&b.k, &c.k)
+                + total_sq(&b.v, &c.v) + total_sq(&b.o, &c.o);
             for (x, y) in [(&b.qb, &c.qb), (&b.kb, &c.kb), (&b.vb, &c.vb)] {
                 if let (Some(x), Some(y)) = (x, y) {
                     want += total_sq(x, y);
@@ -1579,9 +1582,10 @@ mod tests {
             }
             prop_assert!(close(sum, want, 1e-12), "{} vs {}", sum, want);
             let base_sum: f64 = out.iter().map(|x| x.base2).sum();
-            let mut base_want: f64 = [&b.q, &b.k, &b.v, &b.o].iter().map(|w| total_sq(&vec![0.0; w.len()], w)).sum();
+            let norm2 = |w: &[f32]| total_sq(&vec![0.0; w.len()], w);
+            let mut base_want: f64 = [&b.q, &b.k, &b.v, &b.o].iter().map(|w| norm2(w)).sum();
             for x in [&b.qb, &b.kb, &b.vb].into_iter().flatten() {
-                base_want += total_sq(&vec![0.0; x.len()], x);
+                base_want += norm2(x);
             }
             prop_assert!(close(base_sum, base_want, 1e-12));
             if eps > 0.1 {
