@@ -283,8 +283,11 @@ def matrices(w: Weights) -> Iterator[Tuple[str, np.ndarray]]:
 
 
 def matrix(w: Weights, name: str) -> np.ndarray:
+    """The matrix in torch ``Linear`` orientation [out, in]: fused expert slices ``name[e]`` are stored
+    [in, out] by every family that keeps them fused on disk (GPT-OSS bf16, Llama 4), so they are
+    transposed back; the left singular space is then the output space, as forgetscope labels it."""
     m = re.fullmatch(r"(.*)\[(\d+)\]", name)
-    return w[m.group(1)][int(m.group(2))] if m and m.group(1) in w else w[name]
+    return w[m.group(1)][int(m.group(2))].T if m and m.group(1) in w else w[name]
 
 
 def spectra_row(w0: Weights, cks: Sequence[Weights], name: str, checkpoint: int, which: str) -> Dict[str, float]:

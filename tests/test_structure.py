@@ -63,9 +63,9 @@ COLUMNS = {
     "by_layer": ["checkpoint", "layer", "is_moe", "frac_heads_severe", "head_drift_max", "expert_rel_drift_max",
                  "expert_rel_drift_mean", "expert_rel_drift_gini", "router_rel_drift_max", "router_rel_drift_mean",
                  "router_rel_drift_gini", "router_bias_drift", "score_correction_bias_drift"],
-    "spectra": ["name", "layer", "expert", "checkpoint", "matrix", "m", "n", "method", "sigma1", "stable_rank",
+    "spectra": ["tensor", "layer", "expert", "checkpoint", "matrix", "m", "n", "method", "sigma1", "stable_rank",
                 "participation_ratio", "erank", "erank2"],
-    "subspaces": ["name", "layer", "expert", "checkpoint", "side", "k", "overlap", "excess_overlap",
+    "subspaces": ["tensor", "layer", "expert", "checkpoint", "side", "k", "overlap", "excess_overlap",
                   "projection_distance", "grassmann_distance", "max_angle", "gap_ratio_base", "gap_ratio_ckpt"],
 }
 
@@ -356,6 +356,7 @@ def test_planted_experts_are_the_top_ranked(analysed, variant):
 
 
 ROUTER_KEY = ("checkpoint", "layer", "expert")
+SIGMOID_ROUTERS = ("deepseek_v3", "llama4_text", "llama4_multimodal")
 
 
 @pytest.mark.parametrize("variant", MOE_VARIANTS)
@@ -363,6 +364,11 @@ def test_by_router_matches_oracle(analysed, variant):
     _, res, ref = analysed(variant)
     got = keyed(rows_of(res.by_router(), "by_router"), ROUTER_KEY, "by_router")
     want = keyed(ref.routers, ROUTER_KEY, "oracle")
+    if variant in SIGMOID_ROUTERS:
+        # The row-centred router is a softmax invariance; sigmoid routers report NaN there.
+        for r in got.values():
+            assert math.isnan(r["centered_one_minus_cos"]) and math.isnan(r["centered_rel_drift"]), r
+        want = {k: {**v, "centered_one_minus_cos": math.nan, "centered_rel_drift": math.nan} for k, v in want.items()}
     compare(got, want, dict(one_minus_cos=1e-14, norm_drift=1e-12, rel_drift=1e-12, centered_one_minus_cos=1e-14,
                             centered_rel_drift=1e-12), f"{variant} by_router")
 
@@ -448,7 +454,7 @@ class SvdCache:
 def test_spectra_match_oracle(analysed, variant):
     c, res, ref = analysed(variant)
     rows = rows_of(res.spectra(), "spectra")
-    got = keyed(rows, ("name", "checkpoint", "matrix"), "spectra")
+    got = keyed(rows, ("tensor", "checkpoint", "matrix"), "spectra")
     assert {r["matrix"] for r in rows} <= {"delta", "weight"}
     # coverage: the planted attention tensors and (fused) expert slices have delta rows, the base has weight rows
     a = ref.lay.attn(0)
@@ -483,7 +489,7 @@ def test_spectra_match_oracle(analysed, variant):
 def test_subspaces_match_oracle(analysed, variant):
     c, res, ref = analysed(variant)
     rows = rows_of(res.subspaces(), "subspaces")
-    got = keyed(rows, ("name", "checkpoint", "side"), "subspaces")
+    got = keyed(rows, ("tensor", "checkpoint", "side"), "subspaces")
     a = ref.lay.attn(0)
     assert {(a.q, 1, "left"), (a.q, 1, "right")} <= set(got)
     cache = SvdCache(ref)

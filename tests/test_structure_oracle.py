@@ -461,7 +461,7 @@ def test_matrices_cover_fused_slices(structure_case, variant):
     for n, x in w0.items():
         if x.ndim == 3:
             assert [f"{n}[{e}]" for e in range(x.shape[0])] == [m for m in names if m.startswith(n + "[")]
-            np.testing.assert_array_equal(O.matrix(w0, f"{n}[2]"), x[2])
+            np.testing.assert_array_equal(O.matrix(w0, f"{n}[2]"), x[2].T)  # [in, out] on disk → [out, in]
     cks = [load_f64(c.ft1)]
     lay = c.layout
     m0 = lay.moe_layers[-1]
