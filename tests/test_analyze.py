@@ -36,7 +36,7 @@ def ckpts(tmp_path_factory):
 
 def test_he_matches_the_kernel_and_deltas(ckpts):
     paths, base, ft = ckpts
-    res = fs.analyze(*paths, he_max_neurons=0)
+    res = fs.analyze(*paths, he=True, he_max_neurons=0)
     he = res.he
     rows = {(t, c): i for i, (t, c) in enumerate(zip(he.columns["tensor"], he.columns["checkpoint"]))}
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"):
@@ -58,25 +58,28 @@ def test_he_matches_the_kernel_and_deltas(ckpts):
 
 def test_subsample_uses_the_same_neurons_in_every_checkpoint(ckpts):
     paths, _, _ = ckpts
-    he = fs.analyze(*paths, he_max_neurons=50).he
+    he = fs.analyze(*paths, he=True, he_max_neurons=50).he
     i = [k for k, (t, c) in enumerate(zip(he.columns["tensor"], he.columns["checkpoint"]))
          if t == "model.layers.0.mlp.down_proj.weight"]
     assert list(he.columns["n_neurons"][i]) == [50, 50] and list(he.columns["n_total"][i]) == [300, 300]
     # the matrix is identical in both checkpoints, so the same sample gives exactly the same energy
     assert he.columns["delta_s1"][i[1]] == 0.0
-    other_seed = fs.analyze(*paths, he_max_neurons=50, seed=1).he
+    other_seed = fs.analyze(*paths, he=True, he_max_neurons=50, seed=1).he
     assert other_seed.columns["energy_s1"][i[0]] != he.columns["energy_s1"][i[0]]
 
 
 def test_analyze_single_checkpoint_and_cli(ckpts, tmp_path):
     paths, _, _ = ckpts
-    res = fs.analyze(paths[0])
+    res = fs.analyze(paths[0], he=True)
     assert res.trajectory is None and set(res.he.columns["checkpoint"].tolist()) == {0}
-    r = run_cli(["analyze", *paths, "-o", tmp_path / "out", "--format", "json", "--format", "parquet"])
+    r = run_cli(["analyze", *paths, "-o", tmp_path / "out", "--format", "json", "--format", "parquet",
+                 "--metrics", "weight_drift,hyperspherical_energy"])
     assert r.returncode == 0, r.stderr
     assert "largest HE change per layer" in r.stdout
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["hyperspherical_energy.json", "hyperspherical_energy.parquet", "trajectory.json", "trajectory.parquet"]
+    # per-layer drift is always there; heads/experts/spectra were not asked for
+    assert names == ["analysis.json", "hyperspherical_energy.json", "hyperspherical_energy.parquet", "layers.json",
+                     "layers.parquet", "trajectory.json", "trajectory.parquet"]
     d = json.loads((tmp_path / "out" / "hyperspherical_energy.json").read_text())
     assert d["kind"] == "hyperspherical_energy" and "delta_s1" in d["columns"]
     loaded = fs.load_results(tmp_path / "out" / "hyperspherical_energy.json")
@@ -87,7 +90,7 @@ def test_analyze_bf16_and_bad_input(tmp_path):
     rng = np.random.default_rng(1)
     w = rng.standard_normal((40, 24)).astype(np.float32)
     save_file(tmp_path / "a.safetensors", {"model.layers.0.mlp.up_proj.weight": to_bf16(w)})
-    res = fs.analyze(tmp_path / "a.safetensors")
+    res = fs.analyze(tmp_path / "a.safetensors", he=True)
     bits = to_bf16(w)[1]
     want = metrics.hyperspherical_energy(bits, dtype="bfloat16")
     assert res.he.columns["energy_s2"][0] == pytest.approx(want.energy_s2, rel=1e-12)

@@ -5,7 +5,7 @@ core and reports how every tensor moved. This module never imports torch.
 """
 
 from ._core import __version__
-from .api import analyze, inspect, parse_size, read_tensor, trajectory
+from .api import WEIGHT_METRICS, analyze, inspect, parse_size, read_tensor, structure, trajectory
 from .exceptions import (
     CheckpointNotFoundError,
     CheckpointPermissionError,
@@ -14,13 +14,16 @@ from .exceptions import (
     UnsafePathError,
     UsageError,
 )
-from .results import Analysis, HEResults, Inspection, TrajectoryResults, load_results
+from .results import Analysis, AnalysisTable, HEResults, Inspection, TrajectoryResults, load_results
 
 __all__ = [
     "__version__",
     "trajectory",
     "analyze",
     "Analysis",
+    "AnalysisTable",
+    "structure",
+    "WEIGHT_METRICS",
     "HEResults",
     "inspect",
     "read_tensor",

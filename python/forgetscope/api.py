@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _core
 from .exceptions import UsageError
-from .results import Analysis, HEResults, Inspection, TrajectoryResults
+from .results import Analysis, AnalysisTable, HEResults, Inspection, TrajectoryResults
 
 PathLike = Union[str, "os.PathLike[str]"]
 ProgressFn = Callable[[int, int, int, int], object]
@@ -142,45 +142,121 @@ def read_tensor(
     )
 
 
+#: Weight metrics ``analyze`` computes by default (``hyperspherical_energy`` is opt-in: it costs
+#: about N²·d flops per matrix).
+WEIGHT_METRICS = ("weight_drift", "head_drift", "expert_drift", "router_drift", "spectra", "subspace_overlap")
+ALL_METRICS = WEIGHT_METRICS + ("hyperspherical_energy",)
+
+#: ``analyze`` holds whole attention layers / matrices while it computes them; its default budget is
+#: larger than ``trajectory``'s.
+ANALYZE_MEMORY_BUDGET = "2GiB"
+
+
 def analyze(
     base: PathLike,
     *checkpoints: PathLike,
-    he: bool = True,
+    metrics: Optional[Sequence[str]] = None,
+    model_config: Optional[PathLike] = None,
+    spectra_k: int = 8,
+    spectra_oversample: int = 8,
+    spectra_power_iters: int = 1,
+    spectra_exact_max_dim: int = 512,
+    severe_z: float = 3.0,
+    he: Optional[bool] = None,
     he_max_neurons: int = 4096,
     he_half_space: bool = False,
     seed: int = 0,
     threads: Optional[int] = None,
-    memory_budget: Union[int, str] = DEFAULT_MEMORY_BUDGET,
+    memory_budget: Union[int, str] = ANALYZE_MEMORY_BUDGET,
     allow_external_symlinks: bool = False,
     progress: Optional[Callable[[str], Optional[ProgressFn]]] = None,
 ) -> Analysis:
-    """Weight trajectory (when there are ≥ 2 checkpoints) and hyperspherical energy along it.
+    """Every weight metric of a fine-tune in one pass: per tensor, per head, per expert, per router,
+    per layer, spectra and subspaces (and hyperspherical energy on request).
 
-    HE is computed for every 2-D weight in every checkpoint on the same seeded sample of at most
-    ``he_max_neurons`` rows, so ``delta_s*`` = HE_t − HE_0 compares the same neurons.
+    The structure (family, heads, kv heads, MLA, experts, MoE layers) comes from ``config.json``
+    beside the base checkpoint, or ``model_config``. An unsupported architecture keeps every
+    per-tensor metric and reports why the structure-level ones are off (``Analysis.structure``).
 
     Args:
         base: the reference checkpoint.
-        *checkpoints: later checkpoints, in order (none: HE of the base only).
-        he: compute hyperspherical energy (compute-bound: about N²·d flops per matrix).
-        he_max_neurons: rows sampled per matrix (0 = all).
-        he_half_space: the sign-invariant variant.
-        seed: sampling seed.
-        progress: ``progress(stage)`` returns the progress callback for that stage ("trajectory", "he").
+        *checkpoints: later checkpoints, in order (none: hyperspherical energy of the base only).
+        metrics: metric ids to compute (default: ``WEIGHT_METRICS``); add ``"hyperspherical_energy"``
+            for HE along the trajectory.
+        model_config: a ``config.json`` to use instead of the one beside the base.
+        spectra_k: top-k singular subspaces compared (and triplets kept for the spectra).
+        spectra_oversample, spectra_power_iters: randomized-SVD oversampling and power iterations.
+        spectra_exact_max_dim: matrices with min(m, n) at most this get an exact spectrum.
+        severe_z: robust z-score above which a head counts as severely disrupted.
+        he: deprecated switch for ``"hyperspherical_energy"`` (``None``: follow ``metrics``).
+        he_max_neurons: rows sampled per matrix for HE (0 = all).
+        he_half_space: the sign-invariant HE variant.
+        seed: seed of the randomized SVD and of HE's row sample.
+        memory_budget: bound for resident tensors and read buffers (default 2 GiB). A unit (an
+            attention layer, a matrix) that needs more than half of it keeps its per-tensor metrics
+            and lists the rest in ``Analysis.skipped``.
+        progress: ``progress(stage)`` returns the progress callback for that stage ("analyze", "he").
+
+    Raises:
+        InvalidCheckpointError: malformed or unsafe input, or a malformed config (names the file).
+        UsageError: invalid options or an unknown metric id.
+
+    >>> # res = analyze("base/", "ft/"); res.by_head().top("rel_drift", 5)
     """
+    chosen = list(WEIGHT_METRICS if metrics is None else metrics)
+    unknown = [m for m in chosen if m not in ALL_METRICS]
+    if unknown:
+        raise UsageError(f"unknown metric(s) {', '.join(map(repr, unknown))}; choose from {', '.join(ALL_METRICS)}")
+    if he is not None:
+        chosen = [m for m in chosen if m != "hyperspherical_energy"] + (["hyperspherical_energy"] if he else [])
+    want_he = "hyperspherical_energy" in chosen
+    if not checkpoints and not want_he:
+        raise UsageError("analyze needs a base and at least one more checkpoint (or metrics=['hyperspherical_energy'] "
+                         "for the base alone)")
+    for name, v in (("spectra_k", spectra_k), ("spectra_oversample", spectra_oversample),
+                    ("spectra_power_iters", spectra_power_iters), ("spectra_exact_max_dim", spectra_exact_max_dim)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (name == "spectra_k" and v < 1):
+            raise UsageError(f"{name} must be a {'positive' if name == 'spectra_k' else 'non-negative'} integer, got {v!r}")
+    if not (isinstance(severe_z, (int, float)) and severe_z > 0 and severe_z == severe_z):
+        raise UsageError(f"severe_z must be a positive number, got {severe_z!r}")
     paths = [os.fspath(p) for p in (base, *checkpoints)]
     th = resolve_threads(threads)
     budget = parse_size(memory_budget)
     stage = progress or (lambda _name: None)
     traj = None
+    tables = {}
+    meta: dict = {}
     if checkpoints:
-        traj = trajectory(base, *checkpoints, threads=th or None, memory_budget=budget,
-                          allow_external_symlinks=allow_external_symlinks, progress=stage("trajectory"))
+        cols, raw_tables, meta_json = _core.analyze(
+            paths, metrics=[m for m in chosen if m != "hyperspherical_energy"], threads=th, memory_budget=budget,
+            allow_external_symlinks=allow_external_symlinks, progress=stage("analyze"),
+            model_config=None if model_config is None else os.fspath(model_config),
+            spectra_k=spectra_k, spectra_oversample=spectra_oversample, spectra_power_iters=spectra_power_iters,
+            spectra_exact_max_dim=spectra_exact_max_dim, seed=seed, severe_z=float(severe_z),
+        )
+        meta = json.loads(meta_json)
+        traj = TrajectoryResults(cols, meta["trajectory"])
+        table_meta = {"schema_version": meta["schema_version"], "structure": meta["structure"],
+                      "conventions": meta["conventions"]}
+        tables = {name: AnalysisTable(name, c, table_meta) for name, c in raw_tables.items()}
     he_res = None
-    if he:
-        cols, meta = _core.he_trajectory(
+    if want_he:
+        cols, he_meta = _core.he_trajectory(
             paths, threads=th, memory_budget=budget, allow_external_symlinks=allow_external_symlinks,
             progress=stage("he"), max_neurons=he_max_neurons, half_space=he_half_space, seed=seed,
         )
-        he_res = HEResults(cols, json.loads(meta))
-    return Analysis(traj, he_res)
+        he_res = HEResults(cols, json.loads(he_meta))
+    return Analysis(traj, he_res, tables, meta)
+
+
+def structure(path: PathLike, *, model_config: Optional[PathLike] = None,
+              allow_external_symlinks: bool = False) -> Tuple[Dict[str, Any], AnalysisTable]:
+    """The resolved structure of a checkpoint: ``(structure, roles)``.
+
+    ``structure`` has family, model_type, n_layers, attention geometry, n_experts, moe_layers and
+    warnings; ``roles`` lists every tensor with its layer, expert, module and fused layout.
+    """
+    cols, st = _core.structure(os.fspath(path), model_config=None if model_config is None else os.fspath(model_config),
+                               allow_external_symlinks=allow_external_symlinks)
+    meta = json.loads(st)
+    return meta, AnalysisTable("roles", cols, {"schema_version": _core.SCHEMA_VERSION, "structure": meta})

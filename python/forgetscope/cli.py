@@ -27,9 +27,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _common_run(p: argparse.ArgumentParser) -> None:
+def _weight_metrics() -> Sequence[str]:
+    from .api import WEIGHT_METRICS
+
+    return WEIGHT_METRICS
+
+
+def _common_run(p: argparse.ArgumentParser, memory_default: str = "512MiB") -> None:
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: FORGETSCOPE_NUM_THREADS or all cores)")
-    p.add_argument("--memory-budget", default="512MiB", help="memory for read buffers, e.g. 512MiB, 2GiB (default 512MiB)")
+    p.add_argument("--memory-budget", default=memory_default,
+                   help=f"memory for read buffers and resident tensors, e.g. 512MiB, 2GiB (default {memory_default})")
     p.add_argument("--chunk-size", default=None, help="bytes per checkpoint read at a time (default: <= 512KiB)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
     p.add_argument("--allow-external-symlinks", action="store_true",
@@ -50,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("checkpoint", help="a .safetensors file, a checkpoint directory, an index, or a HF snapshot")
     i.add_argument("--json", metavar="PATH", help="write the listing as JSON ('-' for stdout)")
     i.add_argument("--all", action="store_true", help="list every tensor (default: the first 50)")
+    i.add_argument("--model-config", help="config.json for the structure (default: the one beside the checkpoint)")
     i.add_argument("--allow-external-symlinks", action="store_true")
 
     t = sub.add_parser("trajectory", help="weight trajectories of every tensor across checkpoints")
@@ -60,17 +68,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--metric", default="rel_delta", choices=["rel_delta", "fro_delta", "one_minus_cos", "step_drift", "path_length"],
                    help="metric ranking the top movers (default rel_delta)")
     _common_run(t)
-    a = sub.add_parser("analyze", help="weight trajectory plus hyperspherical energy along it; writes tables to -o DIR")
+    a = sub.add_parser("analyze", help="every weight metric in one pass: per tensor, head, expert, router, layer, spectra")
     a.add_argument("base", help="the reference checkpoint")
     a.add_argument("checkpoints", nargs="*", help="later checkpoints, in order (none: HE of the base only)")
-    a.add_argument("-o", "--output", help="directory for trajectory.{json,csv} and hyperspherical_energy.{json,csv}")
-    a.add_argument("--format", action="append", choices=["json", "csv", "parquet"], help="output formats (default json and csv)")
-    a.add_argument("--no-he", action="store_true", help="skip hyperspherical energy")
+    a.add_argument("-o", "--output", help="directory for the results bundle: <table>.{json,parquet} + analysis.json")
+    a.add_argument("--format", action="append", choices=["json", "csv", "parquet"],
+                   help="table formats (repeatable; default json and parquet)")
+    a.add_argument("--metrics", default=None,
+                   help="comma-separated metric ids (default: " + ",".join(_weight_metrics()) + "); "
+                        "add hyperspherical_energy for HE, or 'all'")
+    a.add_argument("--model-config", help="config.json to use (default: the one beside the base checkpoint)")
+    a.add_argument("--spectra-k", type=int, default=8, help="top-k singular subspaces compared (default 8)")
+    a.add_argument("--spectra-power-iters", type=int, default=1, help="randomized-SVD power iterations (default 1)")
+    a.add_argument("--spectra-exact-max-dim", type=int, default=512,
+                   help="exact spectrum when min(m, n) is at most this (default 512)")
+    a.add_argument("--severe-z", type=float, default=3.0, help="robust z above which a head is severely disrupted (default 3)")
+    a.add_argument("--no-he", action="store_true", help=argparse.SUPPRESS)
     a.add_argument("--he-max-neurons", type=int, default=4096, help="rows sampled per matrix for HE (0 = all; default 4096)")
     a.add_argument("--he-half-space", action="store_true", help="sign-invariant (half-space) HE")
-    a.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    a.add_argument("--seed", type=int, default=0, help="seed of randomized SVD and HE sampling (default 0)")
     a.add_argument("--top", type=int, default=1, help="entries shown per layer (default 1)")
-    _common_run(a)
+    _common_run(a, memory_default="2GiB")
     return p
 
 
@@ -85,17 +103,30 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         bars.append(ProgressBar(label=f"{name} ", enabled=None if not args.quiet else False))
         return bars[-1]
 
+    from .api import ALL_METRICS, WEIGHT_METRICS
+
+    if args.metrics is None:
+        metrics = list(WEIGHT_METRICS) + ([] if args.checkpoints else ["hyperspherical_energy"])
+    elif args.metrics.strip() == "all":
+        metrics = list(ALL_METRICS)
+    else:
+        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if args.no_he:
+        metrics = [m for m in metrics if m != "hyperspherical_energy"]
     try:
         res = analyze(
-            args.base, *args.checkpoints, he=not args.no_he, he_max_neurons=args.he_max_neurons,
-            he_half_space=args.he_half_space, seed=args.seed, threads=args.threads,
-            memory_budget=args.memory_budget, allow_external_symlinks=args.allow_external_symlinks, progress=stage,
+            args.base, *args.checkpoints, metrics=metrics, model_config=args.model_config,
+            spectra_k=args.spectra_k, spectra_power_iters=args.spectra_power_iters,
+            spectra_exact_max_dim=args.spectra_exact_max_dim, severe_z=args.severe_z,
+            he_max_neurons=args.he_max_neurons, he_half_space=args.he_half_space, seed=args.seed,
+            threads=args.threads, memory_budget=args.memory_budget,
+            allow_external_symlinks=args.allow_external_symlinks, progress=stage,
         )
     finally:
         for b in bars:
             b.close()
     if args.output:
-        res.save(args.output, formats=args.format or ("json", "csv"))
+        res.save(args.output, formats=args.format or ("json", "parquet"))
     if not args.quiet:
         print(res.summary(top=args.top))
     return EXIT_OK
@@ -135,14 +166,46 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .api import inspect
 
+    from .api import structure
+
     res = inspect(args.checkpoint, allow_external_symlinks=args.allow_external_symlinks)
+    try:
+        st, _roles = structure(args.checkpoint, model_config=args.model_config,
+                               allow_external_symlinks=args.allow_external_symlinks)
+    except ForgetscopeError as e:  # the tensors are fine; only the config is not
+        st = {"family": "unknown", "n_layers": 0, "warnings": [f"structure unavailable: {e}"]}
+    res.meta["structure"] = st
     if args.json == "-":
         sys.stdout.write(res.to_json() + "\n")
     else:
         if args.json:
             res.to_json(args.json)
         print(res.summary(limit=None if args.all else 50))
+        print(_structure_summary(st))
     return EXIT_OK
+
+
+def _structure_summary(st: dict) -> str:
+    """The detected structure, as `inspect` prints it."""
+    from .results import _ranges
+
+    lines = [f"structure: family {st.get('family')} (model_type {escape(repr(st.get('model_type', '')))}), "
+             f"{st.get('n_layers', 0)} layers, hidden {st.get('hidden')}"]
+    att = st.get("attention") or {}
+    if att.get("kind") == "gqa":
+        lines.append(f"  attention: {att['n_heads']} heads, {att['n_kv_heads']} kv heads, head_dim {att['head_dim']}")
+    elif att.get("kind") == "mla":
+        m = att["mla"]
+        lines.append(f"  attention: MLA, {att['n_heads']} heads, q_lora_rank {m['q_lora_rank']}, kv_lora_rank "
+                     f"{m['kv_lora_rank']}, nope/rope/v {m['qk_nope_head_dim']}/{m['qk_rope_head_dim']}/{m['v_head_dim']}")
+    if st.get("moe_layers"):
+        lines.append(f"  experts: {st.get('n_experts')} routed (top-{st.get('top_k')}), MoE layers "
+                     f"{_ranges(st['moe_layers'])}; shared expert in layers {_ranges(st.get('shared_expert_layers', []))}")
+    else:
+        lines.append("  experts: none (dense)")
+    for w in st.get("warnings", []):
+        lines.append(f"  warning: {escape(w)}")
+    return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

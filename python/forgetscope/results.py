@@ -313,33 +313,190 @@ class HEResults(_Table):
         return "\n".join(lines)
 
 
-class Analysis:
-    """What ``forgetscope analyze`` computes: the weight trajectory and HE along it."""
+def flatten_structure(structure: Dict[str, Any]) -> Dict[str, Any]:
+    """The core's structure record plus flat ``n_heads``, ``n_kv_heads``, ``head_dim`` (MLA: the
+    query/key width d_nope + d_rope, with n_kv_heads = n_heads), ``mla`` and ``n_experts`` (0 if dense)."""
+    st = dict(structure)
+    att = st.get("attention") or {}
+    mla = att.get("kind") == "mla"
+    st.setdefault("n_heads", att.get("n_heads"))
+    st.setdefault("n_kv_heads", att.get("n_heads") if mla else att.get("n_kv_heads"))
+    if mla:
+        m = att["mla"]
+        st.setdefault("head_dim", m["qk_nope_head_dim"] + m["qk_rope_head_dim"])
+    else:
+        st.setdefault("head_dim", att.get("head_dim"))
+    st.setdefault("mla", mla)
+    if st.get("n_experts") is None:
+        st["n_experts"] = 0
+    return st
 
-    def __init__(self, trajectory: Optional[TrajectoryResults], he: Optional[HEResults]) -> None:
+
+class AnalysisTable(_Table):
+    """One table of an analysis (``heads``, ``experts``, ``routers``, ``layers``, ``spectra``, ``subspaces``)."""
+
+    def __init__(self, kind: str, columns: Dict[str, Any], meta: Dict[str, Any]) -> None:
+        super().__init__(columns, meta)
+        self.kind = kind
+
+    def top(self, metric: str, n: int = 10, *, checkpoint: int = -1) -> List[Dict[str, Any]]:
+        """The ``n`` rows with the largest ``metric`` (NaN last) at ``checkpoint`` (-1: the last)."""
+        if len(self) == 0:
+            return []
+        if metric not in self.columns:
+            from .exceptions import UsageError
+
+            raise UsageError(f"{self.kind} has no column {metric!r} (columns: {', '.join(self.columns)})")
+        ck = np.asarray(self.columns["checkpoint"]) if "checkpoint" in self.columns else None
+        want = int(ck.max()) if ck is not None and checkpoint == -1 else checkpoint
+        rows = [r for r in self.rows() if ck is None or r["checkpoint"] == want]
+        key = lambda r: (-r[metric] if r[metric] == r[metric] else math.inf)  # noqa: E731 - NaN last
+        return sorted(rows, key=key)[:n]
+
+
+#: Table names of an analysis, in report order.
+ANALYSIS_TABLES = ("heads", "experts", "routers", "layers", "spectra", "subspaces")
+
+
+class Analysis:
+    """What ``forgetscope analyze`` computes, in one results bundle.
+
+    ``by_tensor()`` is the per-tensor trajectory; ``by_head()``, ``by_expert()``, ``by_router()``,
+    ``by_layer()``, ``spectra()`` and ``subspaces()`` are the structure-level tables (empty when the
+    model has no such structure or the metric was not requested); ``structure`` is the resolved
+    model (family, layers, heads, experts, MoE layers); ``he`` the hyperspherical energy, if asked.
+    """
+
+    def __init__(self, trajectory: Optional[TrajectoryResults], he: Optional[HEResults],
+                 tables: Optional[Dict[str, AnalysisTable]] = None, meta: Optional[Dict[str, Any]] = None) -> None:
         self.trajectory = trajectory
         self.he = he
+        self.meta: Dict[str, Any] = meta or {}
+        empty = {"schema_version": self.meta.get("schema_version", 1)}
+        self.tables: Dict[str, AnalysisTable] = {n: AnalysisTable(n, {}, empty) for n in ANALYSIS_TABLES}
+        self.tables.update(tables or {})
 
-    def save(self, directory: PathLike, formats: Sequence[str] = ("json", "csv")) -> List[Path]:
-        """Write ``trajectory.*`` and ``hyperspherical_energy.*`` into ``directory`` (atomically, each file)."""
+    @property
+    def structure(self) -> Dict[str, Any]:
+        """The resolved model structure (``family``, ``n_layers``, ``attention``, ``moe_layers``, ...)."""
+        return flatten_structure(self.meta.get("structure", {}))
+
+    @property
+    def skipped(self) -> List[Dict[str, Any]]:
+        """Metrics not computed, with the reason (tensor, metric, reason)."""
+        return list(self.meta.get("skipped", []))
+
+    def by_tensor(self) -> Optional[TrajectoryResults]:
+        """Per-tensor trajectory (``None`` for a base-only, HE-only analysis)."""
+        return self.trajectory
+
+    def by_head(self) -> AnalysisTable:
+        """Per attention head and checkpoint: drift, rel_drift, QK/OV circuit drift, z_score, severe."""
+        return self.tables["heads"]
+
+    def by_expert(self) -> AnalysisTable:
+        """Per expert and checkpoint: rel_drift over gate/up/down (shared experts: expert -1)."""
+        return self.tables["experts"]
+
+    def by_router(self) -> AnalysisTable:
+        """Per router row (expert) and checkpoint: one_minus_cos, norm_drift, rel_drift, centred drift."""
+        return self.tables["routers"]
+
+    def by_layer(self) -> AnalysisTable:
+        """Per layer and checkpoint: drift, severe-head fraction, expert and router summaries."""
+        return self.tables["layers"]
+
+    def spectra(self) -> AnalysisTable:
+        """Spectral summary of W_t (``matrix == "weight"``) and of W_t - W_0 (``"delta"``)."""
+        return self.tables["spectra"]
+
+    def subspaces(self) -> AnalysisTable:
+        """Principal-angle overlap of the top-k singular subspaces of W_0 and W_t."""
+        return self.tables["subspaces"]
+
+    def save(self, directory: PathLike, formats: Sequence[str] = ("json", "parquet")) -> List[Path]:
+        """Write every non-empty table as ``<name>.<fmt>`` plus ``analysis.json`` (structure,
+        conventions, skipped metrics) into ``directory``; each file is written atomically."""
         out = []
         d = Path(directory)
-        for name, table in (("trajectory", self.trajectory), ("hyperspherical_energy", self.he)):
+        d.mkdir(parents=True, exist_ok=True)
+        named: List[tuple] = [("trajectory", self.trajectory), ("hyperspherical_energy", self.he)]
+        named += [(n, t) for n, t in self.tables.items() if len(t)]
+        for name, table in named:
             if table is None:
                 continue
             for fmt in formats:
                 p = d / f"{name}.{fmt}"
                 table.save(p)
                 out.append(p)
+        if self.meta:
+            p = d / "analysis.json"
+            with atomic_write(p) as f:
+                json.dump(self.meta, f, indent=1, allow_nan=False, default=str)
+                f.write("\n")
+            out.append(p)
         return out
 
     def summary(self, top: int = 1) -> str:
         parts = []
+        st = self.structure
+        if st:
+            fam = st.get("family", "unknown")
+            line = f"structure: {fam}, {st.get('n_layers', 0)} layers"
+            if st.get("n_heads"):
+                line += f", {st['n_heads']} heads ({st.get('n_kv_heads')} kv)"
+            if st.get("n_experts"):
+                line += f", {st['n_experts']} experts, MoE layers {_ranges(st.get('moe_layers', []))}"
+            parts.append(line)
+            for w in st.get("warnings", []):
+                parts.append(f"warning: {escape(w)}")
         if self.trajectory is not None:
             parts.append(self.trajectory.summary(top=top))
+        heads = self.by_head()
+        if len(heads):
+            layers = self.by_layer()
+            last = int(np.max(heads.columns["checkpoint"]))
+            sev = [r for r in layers.rows() if r["checkpoint"] == last and r["n_heads"]]
+            n_sev = sum(r["n_heads_severe"] for r in sev)
+            n_all = sum(r["n_heads"] for r in sev)
+            parts.append(f"heads: {n_sev}/{n_all} severely disrupted (robust z > threshold), by layer: "
+                         + ", ".join(f"{r['layer']}:{r['n_heads_severe']}" for r in sev if r["n_heads_severe"]))
+            for r in heads.top("rel_drift", max(top, 3)):
+                parts.append(f"  layer {r['layer']:>3} head {r['head']:>3}  rel_drift {r['rel_drift']:.3e}  "
+                             f"qk {r['qk_circuit_rel']:.3e}  ov {r['ov_circuit_rel']:.3e}  z {r['z_score']:+.1f}")
+        experts = self.by_expert()
+        if len(experts):
+            parts.append("experts with the largest drift:")
+            for r in experts.top("rel_drift", max(top, 3)):
+                who = "shared" if r["shared"] else f"expert {r['expert']:>3}"
+                parts.append(f"  layer {r['layer']:>3} {who}  rel_drift {r['rel_drift']:.3e}")
+        routers = self.by_router()
+        if len(routers):
+            parts.append("router rows with the largest drift:")
+            for r in routers.top("rel_drift", max(top, 3)):
+                parts.append(f"  layer {r['layer']:>3} expert {r['expert']:>3}  rel_drift {r['rel_drift']:.3e}  "
+                             f"1-cos {r['one_minus_cos']:.3e}")
         if self.he is not None:
             parts.append(self.he.summary(top=top))
+        if self.skipped:
+            sk = self.skipped[0]
+            parts.append(f"skipped {len(self.skipped)} metric(s), e.g. {escape(sk['tensor'])}: {escape(sk['metric'])}: "
+                         f"{escape(sk['reason'])}")
         return "\n".join(parts)
+
+
+def _ranges(xs: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` → ``"0-2, 5"``."""
+    out: List[str] = []
+    xs = sorted(xs)
+    i = 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ", ".join(out) or "none"
 
 
 def load_results(path: PathLike) -> _Table:
@@ -354,9 +511,13 @@ def load_results(path: PathLike) -> _Table:
         vals = [r[n] for r in rows]
         if vals and all(isinstance(v, str) for v in vals):
             cols[n] = vals
+        elif vals and all(isinstance(v, bool) for v in vals):
+            cols[n] = np.asarray(vals, dtype=bool)
         elif all(isinstance(v, int) for v in vals) and vals:
             cols[n] = np.asarray(vals, dtype=np.int64)
         else:
             cols[n] = np.asarray([np.nan if v is None else v for v in vals], dtype=np.float64)
+    if kind in ANALYSIS_TABLES:
+        return AnalysisTable(kind, cols, d)
     cls = {"trajectory": TrajectoryResults, "hyperspherical_energy": HEResults}.get(kind, Inspection)
     return cls(cols, d)

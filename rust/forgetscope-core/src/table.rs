@@ -1,6 +1,8 @@
 //! Columnar views of results, the shape in which tables cross into Python (one 1-D column per
 //! field; numeric columns move into numpy without a copy).
 
+pub mod analysis;
+
 use crate::results::TrajectoryReport;
 use crate::source::{Checkpoint, Role};
 
@@ -13,6 +15,8 @@ pub enum Column {
     I64(Vec<i64>),
     /// Text.
     Str(Vec<String>),
+    /// Flags.
+    Bool(Vec<bool>),
 }
 
 /// Named columns of equal length.

@@ -2,6 +2,7 @@
 //! the GIL for the duration of the work, maps errors to the Python exception tree, and moves result
 //! columns into numpy arrays. No algorithm lives here.
 
+mod analyze;
 mod convert;
 mod errors;
 mod metrics;
@@ -168,6 +169,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_tensor, m)?)?;
     m.add_function(wrap_pyfunction!(fp8_table, m)?)?;
     m.add_function(wrap_pyfunction!(he_trajectory, m)?)?;
+    m.add_function(wrap_pyfunction!(analyze::analyze, m)?)?;
+    m.add_function(wrap_pyfunction!(analyze::structure, m)?)?;
     m.add_function(wrap_pyfunction!(metrics::hyperspherical_energy, m)?)?;
     m.add_function(wrap_pyfunction!(metrics::principal_directions, m)?)?;
     m.add_function(wrap_pyfunction!(metrics::linear_cka, m)?)?;

@@ -430,7 +430,7 @@ fn top_level_role(name: &str) -> Module {
     let parts: Vec<&str> = name.split('.').collect();
     if parts.iter().any(|p| *p == "embed_tokens" || *p == "wte") {
         Module::Embedding
-    } else if parts.first() == Some(&"lm_head") || parts.iter().any(|p| *p == "lm_head") {
+    } else if parts.contains(&"lm_head") {
         Module::LmHead
     } else if parts.len() >= 2 && parts[parts.len() - 2] == "norm" {
         Module::FinalNorm
@@ -588,7 +588,16 @@ pub fn resolve(config: Option<&ModelConfig>, tensors: &[TensorDesc<'_>]) -> Stru
     let n_experts = config.and_then(|c| c.n_experts);
     Structure {
         family,
-        model_type: config.map(|c| c.model_type.clone()).unwrap_or_default(),
+        // The checkpoint's own model_type (`llama4` for a multimodal Llama 4, not its text part's).
+        model_type: config
+            .map(|c| {
+                if c.outer_model_type.is_empty() {
+                    c.model_type.clone()
+                } else {
+                    c.outer_model_type.clone()
+                }
+            })
+            .unwrap_or_default(),
         prefix,
         n_layers: layers.iter().next_back().map_or(0, |l| *l as usize + 1),
         hidden,

@@ -2,5 +2,9 @@
 
 pub mod cka;
 pub mod drift;
+pub mod experts;
 pub mod he;
+pub mod heads;
 pub(crate) mod kernels;
+pub mod router;
+pub mod spectral;

@@ -9,7 +9,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use super::budget::Budget;
-use super::plan::{chunk_elems, plan_trajectory};
+use super::plan::{chunk_elems, plan_trajectory, Plan};
 use super::reader::ChunkReader;
 use super::{as_paths, Control, RunOptions};
 use crate::dtype::Dtype;
@@ -22,7 +22,7 @@ use crate::results::{
 };
 use crate::source::{open_checkpoint, Checkpoint, Encoding, Layout, OpenOptions};
 
-fn resolve_threads(threads: usize) -> usize {
+pub(crate) fn resolve_threads(threads: usize) -> usize {
     if threads == 0 {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -62,14 +62,40 @@ pub fn trajectory(
         ckpts.push(open_checkpoint(p, &opts.open)?);
     }
     let plan = plan_trajectory(&ckpts, &budget);
-    control
-        .total_bytes
-        .store(plan.total_bytes, Ordering::Relaxed);
-    control
-        .total_tensors
-        .store(plan.tensors.len() as u64, Ordering::Relaxed);
+    let started = Instant::now();
+    let include = vec![true; plan.tensors.len()];
+    let accs = stream_drift(&ckpts, &plan, &budget, control, &include)?;
+    let accs = accs
+        .into_iter()
+        .map(|a| a.expect("every tensor included"))
+        .collect();
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(trajectory_report(&ckpts, &plan, accs, &budget, seconds))
+}
+
+/// Stream every included tensor of `plan` once per checkpoint with `budget.workers` threads and
+/// return its merged drift accumulator (None for tensors not included). Progress counters in
+/// `control` are set for the included tensors.
+pub(crate) fn stream_drift(
+    ckpts: &[Checkpoint],
+    plan: &Plan,
+    budget: &Budget,
+    control: &Control,
+    include: &[bool],
+) -> Result<Vec<Option<DriftAcc>>> {
     let n = ckpts.len();
     let refs: Vec<&Checkpoint> = ckpts.iter().collect();
+    let chunks: Vec<usize> = (0..plan.chunks.len())
+        .filter(|&i| include[plan.chunks[i].tensor])
+        .collect();
+    control.total_bytes.fetch_add(
+        chunks.iter().map(|&i| plan.chunks[i].bytes).sum::<u64>(),
+        Ordering::Relaxed,
+    );
+    control.total_tensors.fetch_add(
+        include.iter().filter(|&&x| x).count() as u64,
+        Ordering::Relaxed,
+    );
 
     let slots: Vec<OnceLock<DriftAcc>> = (0..plan.chunks.len()).map(|_| OnceLock::new()).collect();
     let remaining: Vec<AtomicU32> = plan
@@ -77,12 +103,16 @@ pub fn trajectory(
         .iter()
         .map(|t| AtomicU32::new(t.n_chunks as u32))
         .collect();
-    let empty = plan.tensors.iter().filter(|t| t.n_chunks == 0).count() as u64;
+    let empty = plan
+        .tensors
+        .iter()
+        .zip(include)
+        .filter(|(t, &inc)| inc && t.n_chunks == 0)
+        .count() as u64;
     control.done_tensors.fetch_add(empty, Ordering::Relaxed);
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
-    let started = Instant::now();
 
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(budget.workers)
@@ -97,10 +127,11 @@ pub fn trajectory(
             if stop.load(Ordering::Relaxed) || control.is_cancelled() {
                 return;
             }
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(chunk) = plan.chunks.get(i) else {
+            let j = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&i) = chunks.get(j) else {
                 return;
             };
+            let chunk = &plan.chunks[i];
             let pt = &plan.tensors[chunk.tensor];
             let per: Vec<_> = pt.per_ckpt.iter().collect();
             let mut acc = DriftAcc::new(n);
@@ -138,16 +169,35 @@ pub fn trajectory(
     if control.is_cancelled() {
         return Err(Error::Cancelled);
     }
-    let seconds = started.elapsed().as_secs_f64();
+    Ok(plan
+        .tensors
+        .iter()
+        .zip(include)
+        .map(|(pt, &inc)| {
+            inc.then(|| {
+                let mut acc = DriftAcc::new(n);
+                for slot in &slots[pt.first_chunk..pt.first_chunk + pt.n_chunks] {
+                    acc.merge(slot.get().expect("every chunk completed"));
+                }
+                acc
+            })
+        })
+        .collect())
+}
 
+/// The report of a trajectory run from one merged accumulator per planned tensor.
+pub(crate) fn trajectory_report(
+    ckpts: &[Checkpoint],
+    plan: &Plan,
+    accs: Vec<DriftAcc>,
+    budget: &Budget,
+    seconds: f64,
+) -> TrajectoryReport {
     let tensors = plan
         .tensors
         .iter()
-        .map(|pt| {
-            let mut acc = DriftAcc::new(n);
-            for slot in &slots[pt.first_chunk..pt.first_chunk + pt.n_chunks] {
-                acc.merge(slot.get().expect("every chunk completed"));
-            }
+        .zip(accs)
+        .map(|(pt, acc)| {
             let info = parse_name(&pt.name);
             let base = &pt.per_ckpt[0];
             TensorTrajectory {
@@ -176,12 +226,12 @@ pub fn trajectory(
             warnings: c.warnings.clone(),
         })
         .collect();
-    Ok(TrajectoryReport {
+    TrajectoryReport {
         schema_version: SCHEMA_VERSION,
         core_version: env!("CARGO_PKG_VERSION").to_string(),
         checkpoints,
         tensors,
-        mismatches: plan.mismatches,
+        mismatches: plan.mismatches.clone(),
         conventions: trajectory_conventions(),
         stats: RunStats {
             bytes_read: plan.total_bytes,
@@ -190,7 +240,7 @@ pub fn trajectory(
             memory_budget: budget.total,
             chunk_bytes: budget.chunk_bytes,
         },
-    })
+    }
 }
 
 /// Decode one whole tensor to f32 (row-major), reading it in budget-sized chunks.

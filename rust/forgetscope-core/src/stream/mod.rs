@@ -1,16 +1,18 @@
 //! Stage 2: pair tensors across checkpoints, cut them into chunks under a memory budget, and drive
 //! workers that read each chunk once per checkpoint and feed every accumulator.
 
+pub mod analyze;
 mod budget;
 mod driver;
 pub mod he_pass;
 mod plan;
-mod reader;
+pub(crate) mod reader;
 pub mod rows;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+pub use analyze::{analyze, AnalyzeOptions, MetricSet};
 pub use budget::{Budget, DEFAULT_MEMORY_BUDGET, MIN_MEMORY_BUDGET};
 pub use driver::{read_tensor, trajectory};
 pub use plan::{plan_trajectory, Plan};

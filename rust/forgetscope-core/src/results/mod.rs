@@ -1,6 +1,8 @@
 //! Stage 4: schema-versioned records. Front ends turn these into JSON, tables and summaries; the
 //! metric conventions travel with the numbers.
 
+pub mod analysis;
+
 use serde::Serialize;
 
 use crate::metrics::drift::{BaseStats, StepMetrics};

@@ -1,0 +1,291 @@
+//! `analyze`: every weight metric in one pass over the checkpoints.
+//!
+//! Tensors that a structure- or spectrum-level metric needs whole (attention layers for heads,
+//! routers, fused expert slices, and every matrix when spectra are on) are read into memory as
+//! units — the same read feeds their per-tensor drift — while a reader thread prefetches the next
+//! unit, so disk and compute overlap. Everything else streams in chunks exactly as `trajectory`
+//! does. The working set is at most two units plus the streaming buffers: a unit that needs more
+//! than half the memory budget is not made resident; its tensors still get every per-tensor metric
+//! and the skipped metrics are listed with the reason.
+
+mod compute;
+mod resident;
+mod summary;
+mod units;
+
+use std::path::Path;
+use std::sync::mpsc::sync_channel;
+use std::time::Instant;
+
+use super::budget::Budget;
+use super::driver::{resolve_threads, stream_drift, trajectory_report};
+use super::plan::plan_trajectory;
+use super::{as_paths, Control, RunOptions};
+use crate::error::{Error, Result};
+use crate::layout::{resolve, ModelConfig, TensorDesc};
+use crate::metrics::drift::DriftAcc;
+use crate::metrics::spectral::SpectralOptions;
+use crate::results::analysis::{AnalysisReport, AnalysisSkip};
+use crate::source::{open_checkpoint, Checkpoint, Encoding};
+
+/// Which metric families `analyze` computes (per-tensor `weight_drift` always runs).
+#[derive(Debug, Clone)]
+pub struct MetricSet {
+    /// `head_drift` (per attention head, with QK/OV circuit drift).
+    pub head_drift: bool,
+    /// `expert_drift`.
+    pub expert_drift: bool,
+    /// `router_drift` (weight-only).
+    pub router_drift: bool,
+    /// `spectra` and `subspace_overlap` of every matrix.
+    pub spectra: bool,
+}
+
+impl Default for MetricSet {
+    fn default() -> Self {
+        MetricSet {
+            head_drift: true,
+            expert_drift: true,
+            router_drift: true,
+            spectra: true,
+        }
+    }
+}
+
+/// Options of `analyze`.
+#[derive(Debug, Clone)]
+pub struct AnalyzeOptions {
+    /// Threads, memory budget, open options.
+    pub run: RunOptions,
+    /// Metrics to compute.
+    pub metrics: MetricSet,
+    /// Spectral options (k, oversampling, power iterations, exact threshold, seed).
+    pub spectral: SpectralOptions,
+    /// Robust z-score above which a head counts as severely disrupted.
+    pub severe_z: f64,
+    /// The model's config; `None` looks for `config.json` beside the base checkpoint.
+    pub config: Option<ModelConfig>,
+}
+
+impl Default for AnalyzeOptions {
+    fn default() -> Self {
+        AnalyzeOptions {
+            run: RunOptions::default(),
+            metrics: MetricSet::default(),
+            spectral: SpectralOptions::default(),
+            severe_z: 3.0,
+            config: None,
+        }
+    }
+}
+
+/// `config.json` beside the base checkpoint: in the directory given, or beside its first shard
+/// (HF snapshots, index files).
+pub fn find_config(ckpt: &Checkpoint) -> Result<Option<ModelConfig>> {
+    let mut candidates = Vec::new();
+    if ckpt.path.is_dir() {
+        candidates.push(ckpt.path.join("config.json"));
+    } else if let Some(parent) = ckpt.path.parent() {
+        candidates.push(parent.join("config.json"));
+    }
+    if let Some(parent) = ckpt.shards.first().and_then(|s| s.path.parent()) {
+        candidates.push(parent.join("config.json"));
+    }
+    for c in candidates {
+        if c.is_file() {
+            return ModelConfig::from_file(&c).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+/// `(name, shape)` of every logical tensor of a checkpoint, in file order.
+pub type TensorList = Vec<(String, Vec<u64>)>;
+
+/// Open one checkpoint and resolve its structure (for `inspect`): the logical tensors
+/// `(name, shape)` in file order and the structure, whose roles are aligned with them.
+pub fn inspect_structure(
+    path: &Path,
+    open: &crate::source::OpenOptions,
+    config: Option<ModelConfig>,
+) -> Result<(TensorList, crate::layout::Structure)> {
+    let ckpt = open_checkpoint(path, open)?;
+    let config = match config {
+        Some(c) => Some(c),
+        None => find_config(&ckpt)?,
+    };
+    let descs: Vec<TensorDesc<'_>> = ckpt
+        .tensors
+        .iter()
+        .map(|t| TensorDesc {
+            name: &t.name,
+            shape: &t.shape,
+            mxfp4: matches!(t.encoding, Encoding::Mxfp4 { .. }),
+        })
+        .collect();
+    let st = resolve(config.as_ref(), &descs);
+    let names = ckpt
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone()))
+        .collect();
+    Ok((names, st))
+}
+
+/// Analyse `paths` (the first is the base).
+pub fn analyze(
+    paths: &[impl AsRef<Path>],
+    opts: &AnalyzeOptions,
+    control: &Control,
+) -> Result<AnalysisReport> {
+    let paths = as_paths(paths);
+    if paths.len() < 2 {
+        return Err(Error::Config {
+            reason: "analyze needs a base and at least one more checkpoint".into(),
+        });
+    }
+    if !(opts.severe_z.is_finite() && opts.severe_z > 0.0) {
+        return Err(Error::Config {
+            reason: format!("severe_z must be a positive number, not {}", opts.severe_z),
+        });
+    }
+    let threads = resolve_threads(opts.run.threads);
+    let budget = Budget::new(
+        opts.run.memory_budget,
+        paths.len(),
+        threads,
+        opts.run.chunk_bytes,
+    )?;
+    let mut ckpts = Vec::with_capacity(paths.len());
+    for p in &paths {
+        if control.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        ckpts.push(open_checkpoint(p, &opts.run.open)?);
+    }
+    let config = match &opts.config {
+        Some(c) => Some(c.clone()),
+        None => find_config(&ckpts[0])?,
+    };
+    let plan = plan_trajectory(&ckpts, &budget);
+    let descs: Vec<TensorDesc<'_>> = plan
+        .tensors
+        .iter()
+        .map(|t| TensorDesc {
+            name: &t.name,
+            shape: &t.per_ckpt[0].shape,
+            mxfp4: matches!(t.per_ckpt[0].encoding, Encoding::Mxfp4 { .. }),
+        })
+        .collect();
+    let structure = resolve(config.as_ref(), &descs);
+    let mut skipped = Vec::new();
+    let mut units = units::build_units(&plan, &structure, &opts.metrics, &mut skipped);
+
+    // Units that do not fit half the budget stream instead (per-tensor metrics only).
+    let n = ckpts.len();
+    let half = budget.total / 2;
+    units.retain(|u| {
+        let need = u.resident_bytes(n);
+        if need <= half {
+            return true;
+        }
+        for m in &u.members {
+            skipped.push(AnalysisSkip {
+                tensor: m.label.clone(),
+                metric: "head_drift/router_drift/expert_drift/spectra".into(),
+                reason: format!(
+                    "needs {need} bytes resident for {n} checkpoints, more than half the memory budget ({} bytes); raise memory_budget",
+                    budget.total
+                ),
+            });
+        }
+        false
+    });
+    let mut resident = vec![false; plan.tensors.len()];
+    for u in &units {
+        for m in &u.members {
+            resident[m.tensor] = true;
+        }
+    }
+    let include: Vec<bool> = resident.iter().map(|r| !r).collect();
+    control
+        .total_tensors
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    control.total_bytes.store(
+        units
+            .iter()
+            .flat_map(|u| &u.members)
+            .map(|m| {
+                let per = &plan.tensors[m.tensor].per_ckpt;
+                m.numel() * per.iter().map(|t| t.max_elem_bytes()).sum::<u64>()
+            })
+            .sum(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+
+    // The spectral kernels split their big products over the run's workers.
+    let mut opts = opts.clone();
+    opts.spectral.par = faer::Par::rayon(budget.workers.max(1));
+    let opts = &opts;
+    let started = Instant::now();
+    let mut accs = stream_drift(&ckpts, &plan, &budget, control, &include)?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(budget.workers.max(1))
+        .thread_name(|i| format!("forgetscope-analyze-{i}"))
+        .build()
+        .map_err(|e| Error::Config {
+            reason: format!("cannot start worker threads: {e}"),
+        })?;
+    let mut outs = Vec::with_capacity(units.len());
+    let mut partial: Vec<Option<DriftAcc>> = vec![None; plan.tensors.len()];
+    std::thread::scope(|s| -> Result<()> {
+        let (tx, rx) = sync_channel(1);
+        let (ckpts, plan, units, pool) = (&ckpts, &plan, &units, &pool);
+        s.spawn(move || {
+            for (i, u) in units.iter().enumerate() {
+                if control.is_cancelled() {
+                    return;
+                }
+                let r = pool
+                    .install(|| resident::read_unit(ckpts, plan, u, budget.chunk_bytes, control));
+                let failed = r.is_err();
+                if tx.send((i, r)).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        for (i, data) in rx {
+            let data = data?;
+            if control.is_cancelled() {
+                return Err(Error::Cancelled);
+            }
+            let u = &units[i];
+            let out = pool.install(|| compute::compute_unit(u, &data, &structure, opts))?;
+            for (m, d) in u.members.iter().zip(&data) {
+                match &mut partial[m.tensor] {
+                    Some(acc) => acc.merge(&d.acc),
+                    slot @ None => *slot = Some(d.acc.clone()),
+                }
+            }
+            outs.push(out);
+        }
+        Ok(())
+    })?;
+    if control.is_cancelled() {
+        return Err(Error::Cancelled);
+    }
+    for (slot, p) in accs.iter_mut().zip(partial) {
+        if slot.is_none() {
+            *slot = p;
+        }
+    }
+    let accs: Vec<DriftAcc> = accs
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| DriftAcc::new(n)))
+        .collect();
+    let seconds = started.elapsed().as_secs_f64();
+    let trajectory = trajectory_report(&ckpts, &plan, accs, &budget, seconds);
+    Ok(summary::assemble(
+        trajectory, structure, outs, skipped, opts,
+    ))
+}
