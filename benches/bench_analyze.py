@@ -343,7 +343,7 @@ def accuracy(man: Dict[str, Any], cfg: Dict[str, Any], runner: Runner, args: arg
     checks: List[Dict[str, Any]] = []
 
     def check(group: str, key: str, metric: str, ref: float, ours: Any, naive_v: Any, tol: float, mode: str,
-              one_sided: bool = False) -> None:
+              one_sided: bool = False, naive_mode: str = "fp32") -> None:
         e_o = _rel(ours, ref) if ours is not None else None
         ok = None
         if e_o is not None:
@@ -351,6 +351,7 @@ def accuracy(man: Dict[str, Any], cfg: Dict[str, Any], runner: Runner, args: arg
             if one_sided and ok:  # a randomized estimate never exceeds the true σ₁ (Rayleigh-Ritz)
                 ok = float(ours) <= ref * (1 + 1e-6)
         checks.append(dict(group=group, key=key, metric=metric, oracle=ref, ours=ours, naive=naive_v,
+                           naive_mode=naive_mode,
                            ours_rel_err=e_o, naive_rel_err=_rel(naive_v, ref) if naive_v is not None else None,
                            tol=tol, mode=mode, ok=ok))
 
@@ -412,7 +413,7 @@ def accuracy(man: Dict[str, Any], cfg: Dict[str, Any], runner: Runner, args: arg
 
     # Spectra: σ₁ of Δ and of W₀, and the stable rank of Δ.
     spec_rows = find_table(tables, "sigma1", "matrix", "method") or []
-    by_spec = {(r["name"], int(r["checkpoint"]), r["matrix"]): r for r in spec_rows}
+    by_spec = {(r.get("tensor", r.get("name")), int(r["checkpoint"]), r["matrix"]): r for r in spec_rows}
     names = [f"model.layers.0.self_attn.k_proj.weight", f"model.layers.{hi}.self_attn.q_proj.weight"]
     if n_exp:
         e = hi % n_exp
@@ -441,7 +442,9 @@ def accuracy(man: Dict[str, Any], cfg: Dict[str, Any], runner: Runner, args: arg
             if metric == "stable_rank" and not exact:
                 tol = 1 / (1 - RANDOMIZED_RTOL) ** 2 - 1
             check("spectra", f"{short} {which}", metric, ref[metric], r.get(metric) if r else None, nv, tol,
-                  "exact" if exact else f"randomized ({method})", one_sided=(metric == "sigma1" and not exact))
+                  "exact" if exact else f"randomized ({method})", one_sided=(metric == "sigma1" and not exact),
+                  naive_mode="fp32, full SVD" if min(shape) <= args.k + args.oversample
+                  else "fp32, torch.svd_lowrank")
 
     worst: Dict[str, Dict[str, Optional[float]]] = {}
     for c in checks:
@@ -523,11 +526,11 @@ def print_report(res: Dict[str, Any]) -> None:
             f"{acc['tolerances']['exact']:g}, randomized σ₁ one-sided rtol {acc['tolerances']['randomized_sigma1']:g}):")
         for g, w in acc["worst"].items():
             log(f"  {g:46s} n={w['n']:3d}  ours {_fmt(w['ours'], '8.1e')}  naive (fp32) {_fmt(w['naive'], '8.1e')}")
-        log("  spectral values (oracle | ours | naive):")
+        log("  spectral values: oracle | ours (method) | naive (method)")
         for c in acc["checks"]:
             if c["group"] == "spectra":
-                log(f"    {c['key']:42s} {c['metric']:12s} {c['oracle']:.6g} | {_fmt(c['ours'], '.6g')} "
-                    f"({c['mode']}) | {_fmt(c['naive'], '.6g')}")
+                log(f"    {c['key']:48s} {c['metric']:11s} {c['oracle']:.6g} | {_fmt(c['ours'], '.6g')} "
+                    f"({c['mode']}) | {_fmt(c['naive'], '.6g')} ({c['naive_mode']})")
         if acc["missing_in_ours"]:
             log(f"  MISSING in our output: {', '.join(acc['missing_in_ours'][:8])}"
                 + (" ..." if len(acc["missing_in_ours"]) > 8 else ""))
