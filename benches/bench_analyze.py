@@ -442,7 +442,7 @@ def accuracy(man: Dict[str, Any], cfg: Dict[str, Any], runner: Runner, args: arg
             if metric == "stable_rank" and not exact:
                 tol = 1 / (1 - RANDOMIZED_RTOL) ** 2 - 1
             check("spectra", f"{short} {which}", metric, ref[metric], r.get(metric) if r else None, nv, tol,
-                  "exact" if exact else f"randomized ({method})", one_sided=(metric == "sigma1" and not exact),
+                  method, one_sided=(metric == "sigma1" and not exact),
                   naive_mode="fp32, full SVD" if min(shape) <= args.k + args.oversample
                   else "fp32, torch.svd_lowrank")
 

@@ -92,18 +92,21 @@ def main():
     group = n_heads // n_kv
 
     wa, wb = weight_map(args.base), weight_map(args.ft)
-    handles = {}
+    # One shard pair open at a time (as bench_trajectory's naive script): safe_open maps the file,
+    # and the pages it touched count in RSS until it is closed.
+    groups = {}
+    for name, shard in wa.items():
+        groups.setdefault((shard, wb[name]), []).append(name)
 
-    def get(ckpt, wm, name):
-        path = os.path.join(ckpt, wm[name])
-        if path not in handles:
-            handles[path] = safe_open(path, framework="pt")
-        return handles[path].get_tensor(name).float()
+    def pairs():
+        for (sa, sb), names in groups.items():
+            with safe_open(os.path.join(args.base, sa), framework="pt") as fa, \
+                    safe_open(os.path.join(args.ft, sb), framework="pt") as fb:
+                for name in names:
+                    yield name, fa.get_tensor(name).float(), fb.get_tensor(name).float()
 
     tensors, spec, attn, experts, routers = {}, {}, {}, {}, {}
-    for name in wa:  # index order (= file order for these checkpoints)
-        a = get(args.base, wa, name)
-        b = get(args.ft, wb, name)
+    for name, a, b in pairs():
         d = b - a
         na, nb, nd = torch.linalg.norm(a), torch.linalg.norm(b), torch.linalg.norm(d)
         dot = (a * b).sum()
