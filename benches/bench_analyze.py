@@ -157,13 +157,15 @@ class Runner:
         return env
 
     def wait_quiet(self) -> float:
-        """Wait (at most --quiet-wait s) until other processes keep fewer than --busy-cpus CPUs busy."""
+        """Wait (at most --quiet-wait s) until other processes kept fewer than --busy-cpus CPUs busy
+        over the last --quiet-window seconds."""
         t0 = time.perf_counter()
+        win = max(1.0, self.args.quiet_window)
         while self.others_budget > 0:
             b0 = _cpu_busy_seconds()
-            time.sleep(1.0)
+            time.sleep(win)
             b1 = _cpu_busy_seconds()
-            if b0 is None or b1 is None or (b1 - b0) < self.args.busy_cpus:
+            if b0 is None or b1 is None or (b1 - b0) / win < self.args.busy_cpus:
                 break
             if time.perf_counter() - t0 > min(self.args.quiet_wait, self.others_budget):
                 break
@@ -586,9 +588,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="skip the f64 spectral oracle for matrices whose smaller side is larger (default 6000)")
     p.add_argument("--busy-cpus", type=float, default=0.3,
                    help="a run during which other processes kept more CPUs busy is repeated (default 0.3)")
-    p.add_argument("--retry-busy", type=int, default=1, help="repetitions of a busy run (default 1)")
-    p.add_argument("--quiet-wait", type=float, default=60.0, help="seconds to wait for a quiet machine per run")
-    p.add_argument("--max-wait-total", type=float, default=900.0, help="total seconds of waiting for quiet")
+    p.add_argument("--retry-busy", type=int, default=2, help="repetitions of a busy run (default 1)")
+    p.add_argument("--quiet-wait", type=float, default=120.0, help="seconds to wait for a quiet machine per run")
+    p.add_argument("--quiet-window", type=float, default=3.0,
+                   help="the machine counts as quiet after this many seconds below --busy-cpus (default 3)")
+    p.add_argument("--max-wait-total", type=float, default=1800.0, help="total seconds of waiting for quiet")
     p.add_argument("--generate-only", action="store_true", help="write the checkpoints (and config.json) and stop")
     p.add_argument("--results-dir", default=str(DEFAULT_RESULTS_DIR))
     p.add_argument("--no-save", action="store_true", help="do not write the JSON result")
