@@ -588,7 +588,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="skip the f64 spectral oracle for matrices whose smaller side is larger (default 6000)")
     p.add_argument("--busy-cpus", type=float, default=0.3,
                    help="a run during which other processes kept more CPUs busy is repeated (default 0.3)")
-    p.add_argument("--retry-busy", type=int, default=2, help="repetitions of a busy run (default 1)")
+    p.add_argument("--retry-busy", type=int, default=2, help="repetitions of a busy run (default 2)")
     p.add_argument("--quiet-wait", type=float, default=120.0, help="seconds to wait for a quiet machine per run")
     p.add_argument("--quiet-window", type=float, default=3.0,
                    help="the machine counts as quiet after this many seconds below --busy-cpus (default 3)")
