@@ -143,12 +143,24 @@ class Runner:
             "analyze_nospec": fs + ["analyze", str(self.base), str(self.ft), "-q", "-o", "OUTDIR",
                                     "--metrics", args.nospec_metrics] + common,
         }
+        for m in self.breakdown_metrics():
+            self.cmds[f"only_{m}"] = fs + ["analyze", str(self.base), str(self.ft), "-q", "-o", "OUTDIR",
+                                           "--metrics", m] + common
         naive = [sys.executable, str(NAIVE_PATH), str(self.base), str(self.ft), "OUT.json", "--k", str(args.k),
                  "--oversample", str(args.oversample), "--power-iters", str(args.power_iters),
                  "--seed", str(args.seed)]
         self.cmds["naive"] = naive
         self.cmds["naive_nospec"] = naive + ["--no-spectra"]
         self.others_budget = args.max_wait_total
+
+    def breakdown_metrics(self) -> List[str]:
+        """``--breakdown``: one warm run per metric alone, to show where analyze's time goes."""
+        if not self.args.breakdown:
+            return []
+        ms = ["weight_drift", "head_drift"]
+        if self.args.moe:
+            ms += ["expert_drift", "router_drift"]
+        return ms + ["spectra", "subspace_overlap"]
 
     def _env(self) -> Dict[str, str]:
         env = dict(os.environ)
@@ -194,7 +206,7 @@ class Runner:
 
     def _once(self, kind: str) -> Dict[str, Any]:
         self.n += 1
-        is_dir = kind.startswith("analyze")
+        is_dir = kind.startswith("analyze") or kind.startswith("only_")
         out = self.work / (f"{kind}-{self.n}" + ("" if is_dir else ".json"))
         cmd = [str(out) if c in ("OUT.json", "OUTDIR") else c for c in self.cmds[kind]]
         load0 = os.getloadavg()[0]
@@ -478,6 +490,8 @@ def _fmt(v: Optional[float], spec: str) -> str:
 
 def print_report(res: Dict[str, Any]) -> None:
     rows, ratios = res["rows"], res["ratios"]
+    row_defs = ROWS + [(k[:-len("_warm")], "  only " + k[len("only_"):-len("_warm")]) for k in rows
+                       if k.startswith("only_") and k.endswith("_warm")]
     total = res["data"]["total_bytes"]
     d = res["data"]
     log()
@@ -488,29 +502,29 @@ def print_report(res: Dict[str, Any]) -> None:
     m = res["machine"]
     log(f"machine: {m['cpus']} CPUs, load avg {m['loadavg_start']} at start, {m['loadavg_end']} at end")
     log()
-    head = (f"{'':34s} {'seconds':>8s} {'GB/s':>6s} {'RSS MiB':>8s} {'CPU s':>7s} {'disk GB':>7s} {'others':>6s} "
-            f"{'/traj':>6s} {'naive/us':>8s}")
+    head = (f"{'':42s} {'seconds':>8s} {'GB/s':>6s} {'RSS MiB':>8s} {'CPU s':>7s} {'disk GB':>7s} {'others':>6s} "
+            f"{'/traj':>7s} {'naive/us':>8s}")
     log(head)
     log("-" * len(head))
     for cache in ("warm", "cold"):
-        for kind, label in ROWS:
+        for kind, label in row_defs:
             r = rows.get(f"{kind}_{cache}")
             if r is None:
                 continue
             n = len(r["runs"])
-            lab = f"{label}, {cache}" + (f" (med of {n})" if n > 1 else "")
+            lab = f"{label}, {cache}" + (f" (median of {n})" if n > 1 else "")
             vs_traj = ratios.get(f"{kind}/traj_{cache}")
             vs_naive = (ratios.get(f"naive/{kind}_{cache}") if kind == "analyze" else
                         ratios.get(f"naive_nospec/{kind}_{cache}") if kind == "analyze_nospec" else None)
             others = max((x.get("others_cpus") or 0.0) for x in r["runs"])
-            log(f"{lab:34s} {r['seconds']:8.2f} {r['gbps']:6.2f} {_fmt(r['peak_rss_mib'], '8.0f')} "
+            log(f"{lab:42s} {r['seconds']:8.2f} {r['gbps']:6.2f} {_fmt(r['peak_rss_mib'], '8.0f')} "
                 f"{_fmt(r['cpu_seconds'], '7.1f')} {_fmt(r['disk_read_gb'], '7.2f')} {others:6.2f} "
-                f"{('x' + format(vs_traj, '.2f')) if vs_traj else '-':>6s} "
+                f"{('x' + format(vs_traj, '.2f')) if vs_traj else '-':>7s} "
                 f"{('x' + format(vs_naive, '.2f')) if vs_naive else '-':>8s}")
         r = rows.get(f"read_{cache}")
         if r:
             label = "disk read, 1 thread" if cache == "cold" else "page-cache read, 1 thread"
-            log(f"{label:34s} {r['seconds']:8.2f} {r['gbps']:6.2f}")
+            log(f"{label:42s} {r['seconds']:8.2f} {r['gbps']:6.2f}")
     log()
     log("seconds: whole-process wall time (start-up and imports included); GB/s: both checkpoints' bytes /")
     log("seconds; others: CPUs kept busy by other processes during the run (max over the runs); /traj:")
@@ -584,6 +598,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--skip-cold", action="store_true")
     p.add_argument("--skip-naive", action="store_true", help="no naive runs")
     p.add_argument("--skip-nospec", action="store_true", help="no no-spectra runs (ours and naive)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time analyze with each metric alone (--metrics M; warm only)")
     p.add_argument("--oracle-max-dim", type=int, default=6000,
                    help="skip the f64 spectral oracle for matrices whose smaller side is larger (default 6000)")
     p.add_argument("--busy-cpus", type=float, default=0.3,
@@ -653,6 +669,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for _ in range(args.reps):
             for kind in kinds:
                 add(f"{kind}_warm", runner.run(kind))
+        if runner.breakdown_metrics():
+            log(f"[breakdown] each metric alone, warm, {args.reps} repetition(s)")
+            for _ in range(args.reps):
+                for m in runner.breakdown_metrics():
+                    add(f"only_{m}_warm", runner.run(f"only_{m}"))
 
     resident_after: List[float] = []
     if not args.skip_cold:
@@ -682,7 +703,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ratios: Dict[str, float] = {}
     for cache in ("warm", "cold"):
         tr = rows.get(f"traj_{cache}")
-        for kind in ("analyze", "analyze_nospec", "naive", "naive_nospec"):
+        for kind in ["analyze", "analyze_nospec", "naive", "naive_nospec"] + [
+                f"only_{m}" for m in runner.breakdown_metrics()]:
             r = rows.get(f"{kind}_{cache}")
             if tr and r:
                 ratios[f"{kind}/traj_{cache}"] = r["seconds"] / tr["seconds"]
@@ -724,7 +746,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   model_config=cfg, n_layers=man["n_layers"], n_tensors=man["n_tensors"], n_shards=man["n_shards"],
                   high_noise_layers=man["high_noise_layers"], noise=man["noise"], files=man["files"],
                   total_bytes=total),
-        commands={k: " ".join(v) for k, v in runner.cmds.items() if k in kinds},
+        commands={k: " ".join(v) for k, v in runner.cmds.items()
+                  if k in kinds or k[len("only_"):] in runner.breakdown_metrics()},
         naive_script=NAIVE_PATH.read_text(),
         startup_seconds=dict(ours=startup, naive=statistics.median(naive_startup) if naive_startup else None),
         rows=rows, ratios=ratios, accuracy=acc, targets=targets, warnings=warnings,
