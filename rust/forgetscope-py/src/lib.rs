@@ -5,6 +5,7 @@
 mod convert;
 mod errors;
 mod metrics;
+mod routing;
 mod run;
 
 use std::path::PathBuf;
@@ -180,5 +181,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?)?;
     m.add_class::<metrics::PyStreamingCka>()?;
     m.add_class::<metrics::PyMinibatchCka>()?;
+    routing::register(m)?;
     Ok(())
 }

@@ -946,6 +946,75 @@ pub fn route_token(
     })
 }
 
+/// The routing of n tokens by one router ([`route_tokens`]); row-major arrays.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RoutedTokens {
+    /// Tokens n.
+    pub n_tokens: usize,
+    /// Experts per token k.
+    pub top_k: usize,
+    /// Experts E.
+    pub n_experts: usize,
+    /// [n, k] selected experts, each row in selection order (ties → lowest index first).
+    pub selected: Vec<usize>,
+    /// [n, k] combine weights, aligned with `selected`.
+    pub weights: Vec<f64>,
+    /// [n, E] log p (see [`RoutingDecision::log_probs`]).
+    pub log_probs: Vec<f64>,
+}
+
+/// Route n tokens through one router (batched [`route_token`], logits by f64 GEMM): `r` [E, H],
+/// `bias` [E] when the rule uses one, `h` [n, H]. Memory O(nE): meant for inspection and tests;
+/// the drift metrics stream through [`RoutingDriftAcc`] instead.
+///
+/// Errors: [`Error::Config`] for an invalid rule, a shape mismatch, a missing/unexpected bias, or
+/// a token with a non-finite logit (named by its index).
+pub fn route_tokens(
+    rule: &RoutingRule,
+    r: &[f32],
+    bias: Option<&[f32]>,
+    h: &[f32],
+    n: usize,
+    hidden: usize,
+) -> Result<RoutedTokens> {
+    rule.validate()?;
+    let (e, k) = (rule.n_experts, rule.top_k);
+    check_matrix("router", r.len(), e, hidden)?;
+    check_matrix("hidden", h.len(), n, hidden)?;
+    let b = check_bias("bias", bias, rule)?;
+    let rw = widen(r);
+    let mut out = RoutedTokens {
+        n_tokens: n,
+        top_k: k,
+        n_experts: e,
+        selected: Vec::with_capacity(n * k),
+        weights: Vec::with_capacity(n * k),
+        log_probs: Vec::with_capacity(n * e),
+    };
+    let (mut hbuf, mut z) = (Vec::new(), Vec::new());
+    let mut ws = Workspace::default();
+    let mut start = 0;
+    while start < n {
+        let rows = TOKEN_BLOCK.min(n - start);
+        logits_block(&h[start * hidden..(start + rows) * hidden], rows, hidden, &rw, e, &mut hbuf, &mut z);
+        for i in 0..rows {
+            ws.z.clear();
+            ws.z.extend_from_slice(&z[i * e..(i + 1) * e]);
+            if !ws.route(b.as_deref(), rule) {
+                return Err(config_err(format!(
+                    "token {} has a non-finite logit or bias",
+                    start + i
+                )));
+            }
+            out.selected.extend_from_slice(&ws.sel);
+            out.weights.extend_from_slice(&ws.w);
+            out.log_probs.extend_from_slice(&ws.logp);
+        }
+        start += rows;
+    }
+    Ok(out)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Streaming data-dependent drift (§4.3)
 
@@ -1644,6 +1713,25 @@ mod tests {
             "topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1}));
         let d = route_token(&[1.0, 1.0, 3.0, -5.0], None, &v2).unwrap();
         assert_eq!(d.selected, vec![2, 3]);
+    }
+
+    #[test]
+    fn batched_routing_equals_per_token() {
+        let (e, h, n) = (6usize, 5usize, 300usize);
+        let g = rule(json!({"model_type": "gpt_oss", "num_local_experts": e, "num_experts_per_tok": 2}));
+        let (r, b, hs) = (lcg(10, e * h), lcg(11, e), lcg(12, n * h));
+        let all = route_tokens(&g, &r, Some(&b), &hs, n, h).unwrap();
+        for i in [0, 1, 255, 256, 299] {
+            let z: Vec<f64> = (0..e)
+                .map(|j| (0..h).map(|c| hs[i * h + c] as f64 * r[j * h + c] as f64).sum())
+                .collect();
+            let d = route_token(&z, Some(&b), &g).unwrap();
+            assert_eq!(d.selected, all.selected[i * 2..i * 2 + 2]);
+            for (x, y) in d.weights.iter().zip(&all.weights[i * 2..i * 2 + 2]) {
+                assert!((x - y).abs() < 1e-14);
+            }
+        }
+        assert!(route_tokens(&g, &r, None, &hs, n, h).is_err());
     }
 
     #[test]
