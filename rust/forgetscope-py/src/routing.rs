@@ -20,14 +20,22 @@ fn usage(py: Python<'_>, reason: impl Into<String>) -> PyErr {
 }
 
 /// A held 2-D array as (data, rows, cols), float32 only (the Python layer converts).
-fn f32_matrix<'a>(py: Python<'_>, what: &str, h: &'a Held<'_>) -> PyResult<(&'a [f32], usize, usize)> {
+fn f32_matrix<'a>(
+    py: Python<'_>,
+    what: &str,
+    h: &'a Held<'_>,
+) -> PyResult<(&'a [f32], usize, usize)> {
     match h.matrix()? {
         Matrix::F32(d, r, c) => Ok((d, r, c)),
         Matrix::F64(..) => Err(usage(py, format!("{what} must be float32"))),
     }
 }
 
-fn vector<'a>(py: Python<'_>, what: &str, a: &'a Option<PyReadonlyArray1<'_, f32>>) -> PyResult<Option<&'a [f32]>> {
+fn vector<'a>(
+    py: Python<'_>,
+    what: &str,
+    a: &'a Option<PyReadonlyArray1<'_, f32>>,
+) -> PyResult<Option<&'a [f32]>> {
     a.as_ref()
         .map(|a| {
             a.as_slice()
@@ -71,7 +79,9 @@ fn routing_drift<'py>(
     let hr0 = Held::from_py(py, router_base, None)?;
     let hrt = Held::from_py(py, router_ckpt, None)?;
     let hh0 = Held::from_py(py, hidden_base, None)?;
-    let hht = hidden_ckpt.map(|h| Held::from_py(py, h, None)).transpose()?;
+    let hht = hidden_ckpt
+        .map(|h| Held::from_py(py, h, None))
+        .transpose()?;
     let (r0, e, hidden) = f32_matrix(py, "router_base", &hr0)?;
     let (rt, ..) = f32_matrix(py, "router_ckpt", &hrt)?;
     let (h0, n, _) = f32_matrix(py, "hidden_base", &hh0)?;
@@ -128,7 +138,10 @@ fn routing_drift<'py>(
     out.set_item("shared_gate_drift", d.shared_gate_drift)?;
     out.set_item("load_base", PyArray1::from_vec(py, d.load_base))?;
     out.set_item("load_ckpt", PyArray1::from_vec(py, d.load_ckpt))?;
-    out.set_item("rule_json", serde_json::to_string(&rule).unwrap_or_default())?;
+    out.set_item(
+        "rule_json",
+        serde_json::to_string(&rule).unwrap_or_default(),
+    )?;
     Ok(out)
 }
 
@@ -144,7 +157,10 @@ fn route_tokens<'py>(
     bias: Option<PyReadonlyArray1<'py, f32>>,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let rule = parse_rule(py, config_json)?;
-    let (hr, hh) = (Held::from_py(py, router, None)?, Held::from_py(py, hidden, None)?);
+    let (hr, hh) = (
+        Held::from_py(py, router, None)?,
+        Held::from_py(py, hidden, None)?,
+    );
     let (r, _, hid) = f32_matrix(py, "router", &hr)?;
     let (h, n, _) = f32_matrix(py, "hidden", &hh)?;
     let b = vector(py, "bias", &bias)?;
@@ -153,9 +169,15 @@ fn route_tokens<'py>(
         .map_err(|e| to_pyerr(py, e))?;
     let sel: Vec<i64> = t.selected.iter().map(|&x| x as i64).collect();
     Ok((
-        PyArray1::from_vec(py, sel).reshape([n, t.top_k])?.into_any(),
-        PyArray1::from_vec(py, t.weights).reshape([n, t.top_k])?.into_any(),
-        PyArray1::from_vec(py, t.log_probs).reshape([n, t.n_experts])?.into_any(),
+        PyArray1::from_vec(py, sel)
+            .reshape([n, t.top_k])?
+            .into_any(),
+        PyArray1::from_vec(py, t.weights)
+            .reshape([n, t.top_k])?
+            .into_any(),
+        PyArray1::from_vec(py, t.log_probs)
+            .reshape([n, t.n_experts])?
+            .into_any(),
     ))
 }
 
@@ -178,8 +200,13 @@ fn router_weight_drift<'py>(
         .detach(|| router::router_weight_drift(r0, rt, e, hidden, softmax_invariant))
         .map_err(|e| to_pyerr(py, e))?;
     let out = PyDict::new(py);
-    let col = |f: fn(&router::ExpertRouterDrift) -> f64| -> Vec<f64> { w.per_expert.iter().map(f).collect() };
-    out.set_item("one_minus_cos", PyArray1::from_vec(py, col(|x| x.one_minus_cos)))?;
+    let col = |f: fn(&router::ExpertRouterDrift) -> f64| -> Vec<f64> {
+        w.per_expert.iter().map(f).collect()
+    };
+    out.set_item(
+        "one_minus_cos",
+        PyArray1::from_vec(py, col(|x| x.one_minus_cos)),
+    )?;
     out.set_item("norm_drift", PyArray1::from_vec(py, col(|x| x.norm_drift)))?;
     out.set_item("rel_drift", PyArray1::from_vec(py, col(|x| x.rel_drift)))?;
     out.set_item(

@@ -3,5 +3,5 @@
 pub mod cka;
 pub mod drift;
 pub mod he;
-pub mod router;
 pub(crate) mod kernels;
+pub mod router;

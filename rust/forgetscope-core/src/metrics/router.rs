@@ -30,6 +30,7 @@
 //!   expert in selection order); ties are broken lowest index first (`torch.topk` leaves the order
 //!   unspecified);
 //! - `weight_l1`: Σ_e |w⁰_e − w^t_e| of the dense combine weights (0 for unselected experts).
+//!
 //! Over tokens: expert load f_e = #{i: e ∈ S_i}/(nk), load entropy H(f)/ln E (NaN for E = 1),
 //! TV = ½‖f^t − f⁰‖₁, max-load ratio E·max f_e, Switch balance E·Σ_e f_e·P_e with P_e = mean_i p_ie
 //! (HF `load_balancing_loss_func`). Qwen2-MoE shared-expert gate: mean |σ(g^t·h) − σ(g⁰·h)|.
@@ -420,7 +421,12 @@ fn cfg_usize(cfg: &Value, family: &str, keys: &[&str], default: Option<usize>) -
     })
 }
 
-fn cfg_opt_usize(cfg: &Value, family: &str, key: &str, default: Option<usize>) -> Result<Option<usize>> {
+fn cfg_opt_usize(
+    cfg: &Value,
+    family: &str,
+    key: &str,
+    default: Option<usize>,
+) -> Result<Option<usize>> {
     match cfg.get(key) {
         None => Ok(default),
         Some(Value::Null) => Ok(None),
@@ -441,9 +447,9 @@ fn cfg_bool(cfg: &Value, family: &str, key: &str, default: bool) -> Result<bool>
 fn cfg_f64(cfg: &Value, family: &str, key: &str, default: f64) -> Result<f64> {
     match cfg.get(key) {
         None | Some(Value::Null) => Ok(default),
-        Some(v) => v.as_f64().ok_or_else(|| {
-            config_err(format!("{family} config: {key} must be a number, got {v}"))
-        }),
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| config_err(format!("{family} config: {key} must be a number, got {v}"))),
     }
 }
 
@@ -489,7 +495,11 @@ impl RoutingRule {
     /// Errors: [`Error::Config`] naming the `model_type` when it is unknown or missing, or naming
     /// the field that is malformed or inconsistent.
     pub fn from_config(cfg: &Value) -> Result<RoutingRule> {
-        let mt = |c: &Value| c.get("model_type").and_then(Value::as_str).map(str::to_owned);
+        let mt = |c: &Value| {
+            c.get("model_type")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
         let mut cfg = cfg;
         let mut family = mt(cfg);
         let nested = cfg.get("text_config").filter(|t| t.is_object());
@@ -857,14 +867,14 @@ impl Workspace {
             },
             WeightRule::SoftmaxOverSelected => {
                 let m = self.z[self.sel[0]];
-                self.w.extend(self.sel.iter().map(|&i| (self.z[i] - m).exp()));
+                self.w
+                    .extend(self.sel.iter().map(|&i| (self.z[i] - m).exp()));
                 let s: f64 = self.w.iter().sum();
                 self.w.iter_mut().for_each(|w| *w /= s);
             }
-            WeightRule::SigmoidOfSelected => {
-                self.w
-                    .extend(self.sel.iter().map(|&i| log_sigmoid(self.z[i]).exp()))
-            }
+            WeightRule::SigmoidOfSelected => self
+                .w
+                .extend(self.sel.iter().map(|&i| log_sigmoid(self.z[i]).exp())),
         }
         if rule.renormalize {
             let s: f64 = self.w.iter().sum::<f64>() + rule.renorm_eps;
@@ -955,16 +965,16 @@ pub struct RoutedTokens {
     pub top_k: usize,
     /// Experts E.
     pub n_experts: usize,
-    /// [n, k] selected experts, each row in selection order (ties → lowest index first).
+    /// `[n, k]` selected experts, each row in selection order (ties → lowest index first).
     pub selected: Vec<usize>,
-    /// [n, k] combine weights, aligned with `selected`.
+    /// `[n, k]` combine weights, aligned with `selected`.
     pub weights: Vec<f64>,
-    /// [n, E] log p (see [`RoutingDecision::log_probs`]).
+    /// `[n, E]` log p (see [`RoutingDecision::log_probs`]).
     pub log_probs: Vec<f64>,
 }
 
-/// Route n tokens through one router (batched [`route_token`], logits by f64 GEMM): `r` [E, H],
-/// `bias` [E] when the rule uses one, `h` [n, H]. Memory O(nE): meant for inspection and tests;
+/// Route n tokens through one router (batched [`route_token`], logits by f64 GEMM): `r` `[E, H]`,
+/// `bias` `[E]` when the rule uses one, `h` `[n, H]`. Memory O(nE): meant for inspection and tests;
 /// the drift metrics stream through [`RoutingDriftAcc`] instead.
 ///
 /// Errors: [`Error::Config`] for an invalid rule, a shape mismatch, a missing/unexpected bias, or
@@ -996,7 +1006,15 @@ pub fn route_tokens(
     let mut start = 0;
     while start < n {
         let rows = TOKEN_BLOCK.min(n - start);
-        logits_block(&h[start * hidden..(start + rows) * hidden], rows, hidden, &rw, e, &mut hbuf, &mut z);
+        logits_block(
+            &h[start * hidden..(start + rows) * hidden],
+            rows,
+            hidden,
+            &rw,
+            e,
+            &mut hbuf,
+            &mut z,
+        );
         for i in 0..rows {
             ws.z.clear();
             ws.z.extend_from_slice(&z[i * e..(i + 1) * e]);
@@ -1130,7 +1148,15 @@ fn widen(x: &[f32]) -> Vec<f64> {
 }
 
 /// z[rows×E] = h[rows×H] · R[E×H]ᵀ in f64.
-fn logits_block(h: &[f32], rows: usize, hidden: usize, r: &[f64], e: usize, hbuf: &mut Vec<f64>, z: &mut Vec<f64>) {
+fn logits_block(
+    h: &[f32],
+    rows: usize,
+    hidden: usize,
+    r: &[f64],
+    e: usize,
+    hbuf: &mut Vec<f64>,
+    z: &mut Vec<f64>,
+) {
     hbuf.clear();
     hbuf.extend(h.iter().map(|&x| x as f64));
     z.clear();
@@ -1194,8 +1220,8 @@ impl RoutingDriftAcc {
         })
     }
 
-    /// Add n tokens. `r0`, `rt`: [E, H] routers; `b0`, `bt`: their biases when the rule uses one
-    /// (required then, refused otherwise); `h0`: [n, H] hidden states for the base router, `ht`:
+    /// Add n tokens. `r0`, `rt`: `[E, H]` routers; `b0`, `bt`: their biases when the rule uses one
+    /// (required then, refused otherwise); `h0`: `[n, H]` hidden states for the base router, `ht`:
     /// for the checkpoint router (pass `h0` again for mode (i)).
     ///
     /// Errors: [`Error::Config`] for an invalid rule or any length/shape mismatch.
@@ -1235,7 +1261,15 @@ impl RoutingDriftAcc {
         while start < n {
             let rows = TOKEN_BLOCK.min(n - start);
             let span = start * hidden..(start + rows) * hidden;
-            logits_block(&h0[span.clone()], rows, hidden, &p.r0, e, &mut hbuf, &mut z0);
+            logits_block(
+                &h0[span.clone()],
+                rows,
+                hidden,
+                &p.r0,
+                e,
+                &mut hbuf,
+                &mut z0,
+            );
             logits_block(&ht[span], rows, hidden, &p.rt, e, &mut hbuf, &mut zt);
             for i in 0..rows {
                 self.n += 1;
@@ -1366,9 +1400,8 @@ impl RoutingDriftAcc {
         let nan_unless = |v: f64| if ok { v } else { f64::NAN };
         let nf = self.n as f64;
         let slots = nf * self.rule.top_k as f64;
-        let load = |c: &[u64]| -> Vec<f64> {
-            c.iter().map(|&x| nan_unless(x as f64 / slots)).collect()
-        };
+        let load =
+            |c: &[u64]| -> Vec<f64> { c.iter().map(|&x| nan_unless(x as f64 / slots)).collect() };
         let (f0, ft) = (load(&self.count0), load(&self.countt));
         let entropy = |f: &[f64]| {
             let h: f64 = f
@@ -1379,9 +1412,10 @@ impl RoutingDriftAcc {
         };
         let max_ratio = |f: &[f64]| {
             e as f64
-                * f.iter()
-                    .copied()
-                    .fold(f64::NEG_INFINITY, |a, b| if b.is_nan() { b } else { a.max(b) })
+                * f.iter().copied().fold(
+                    f64::NEG_INFINITY,
+                    |a, b| if b.is_nan() { b } else { a.max(b) },
+                )
         };
         let balance = |f: &[f64], ps: &[f64]| {
             e as f64 * f.iter().zip(ps).map(|(a, p)| a * p / nf).sum::<f64>()
@@ -1435,7 +1469,7 @@ impl Default for RoutingOptions {
     }
 }
 
-/// Shared-expert gate weights of both checkpoints ([1, H] each).
+/// Shared-expert gate weights of both checkpoints (`[1, H]` each).
 pub type SharedGate<'a> = (&'a [f32], &'a [f32]);
 
 /// [`RoutingDriftAcc`] over all n tokens at once: fixed batches of `opts.batch` tokens run in
@@ -1494,7 +1528,12 @@ pub fn routing_drift(
             .thread_name(|i| format!("forgetscope-router-{i}"))
             .build()
             .map_err(|e| config_err(format!("cannot start {threads} worker threads: {e}")))?;
-        pool.install(|| (0..n_batches).into_par_iter().map(work).collect::<Result<_>>())?
+        pool.install(|| {
+            (0..n_batches)
+                .into_par_iter()
+                .map(work)
+                .collect::<Result<_>>()
+        })?
     };
     for part in &parts {
         acc.merge(part)?;
@@ -1534,12 +1573,18 @@ mod tests {
         let r = mixtral(4, 2);
         // identical
         let d = drift_from_logits(&r, &[4., 3., 0., 0.], &[4., 3., 0., 0.], 1);
-        assert_eq!((d.topk_overlap, d.jaccard, d.top1_agreement), (1.0, 1.0, 1.0));
+        assert_eq!(
+            (d.topk_overlap, d.jaccard, d.top1_agreement),
+            (1.0, 1.0, 1.0)
+        );
         assert_eq!(d.js_mean, 0.0);
         assert_eq!(d.weight_l1_mean, 0.0);
         // disjoint
         let d = drift_from_logits(&r, &[4., 3., 0., 0.], &[0., 0., 4., 3.], 1);
-        assert_eq!((d.topk_overlap, d.jaccard, d.top1_agreement), (0.0, 0.0, 0.0));
+        assert_eq!(
+            (d.topk_overlap, d.jaccard, d.top1_agreement),
+            (0.0, 0.0, 0.0)
+        );
         assert!((d.load_tv - 1.0).abs() < 1e-15);
         // k = 2 sharing one expert
         let d = drift_from_logits(&r, &[4., 3., 0., 0.], &[4., 0., 3., 0.], 1);
@@ -1550,7 +1595,10 @@ mod tests {
 
     #[test]
     fn js_bounds_and_disjoint_one_hots() {
-        assert_eq!(js_divergence_log(&[0.0, f64::NEG_INFINITY], &[f64::NEG_INFINITY, 0.0]), LN2);
+        assert_eq!(
+            js_divergence_log(&[0.0, f64::NEG_INFINITY], &[f64::NEG_INFINITY, 0.0]),
+            LN2
+        );
         let l = [0.3f64.ln(), 0.7f64.ln()];
         assert_eq!(js_divergence_log(&l, &l), 0.0);
         // Numerically one-hot softmax: JS → ln 2.
@@ -1567,10 +1615,14 @@ mod tests {
     #[test]
     fn softmax_row_shift_invariance() {
         let (e, h, n) = (6usize, 5usize, 40usize);
-        let r0: Vec<f32> = (0..e * h).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect();
+        let r0: Vec<f32> = (0..e * h)
+            .map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0)
+            .collect();
         let c: Vec<f32> = (0..h).map(|j| (j as f32 - 2.0) / 4.0).collect();
         let rt: Vec<f32> = (0..e * h).map(|i| r0[i] + c[i % h]).collect();
-        let hs: Vec<f32> = (0..n * h).map(|i| ((i * 29 % 23) as f32 - 11.0) / 16.0).collect();
+        let hs: Vec<f32> = (0..n * h)
+            .map(|i| ((i * 29 % 23) as f32 - 11.0) / 16.0)
+            .collect();
         let r = mixtral(e, 2);
         let mut acc = RoutingDriftAcc::new(&r);
         acc.update(&r0, None, &rt, None, &hs, &hs, n, h).unwrap();
@@ -1663,7 +1715,9 @@ mod tests {
         assert!((d.balance_base - 1.0).abs() < 1e-15);
         // All tokens to the same k experts: entropy = ln k / ln E.
         let r = mixtral(8, 2);
-        let z: Vec<f32> = (0..24).map(|i| [3.0, 2.0, 0., 0., 0., 0., 0., 0.][i % 8]).collect();
+        let z: Vec<f32> = (0..24)
+            .map(|i| [3.0, 2.0, 0., 0., 0., 0., 0., 0.][i % 8])
+            .collect();
         let d = drift_from_logits(&r, &z, &z, 3);
         assert!((d.load_entropy_base - 2f64.ln() / 8f64.ln()).abs() < 1e-15);
         assert_eq!(d.max_load_ratio_base, 4.0);
@@ -1685,32 +1739,41 @@ mod tests {
         let z = [2.0f64, 1.0, 0.0, -1.0];
         let m = route_token(&z, None, &mixtral(4, 2)).unwrap();
         assert!((m.weights.iter().sum::<f64>() - 1.0).abs() < 1e-15);
-        let q = rule(json!({"model_type": "qwen2_moe", "num_experts": 4, "num_experts_per_tok": 2}));
+        let q =
+            rule(json!({"model_type": "qwen2_moe", "num_experts": 4, "num_experts_per_tok": 2}));
         let d = route_token(&z, None, &q).unwrap();
         let p = m.probs();
         assert_eq!(d.selected, vec![0, 1]);
         assert!((d.weights[0] - p[0]).abs() < 1e-15);
         // GPT-OSS: bias shifts selection; softmax over the selected.
-        let g = rule(json!({"model_type": "gpt_oss", "num_local_experts": 4, "num_experts_per_tok": 2}));
+        let g = rule(
+            json!({"model_type": "gpt_oss", "num_local_experts": 4, "num_experts_per_tok": 2}),
+        );
         let d = route_token(&z, Some(&[0.0, 0.0, 0.0, 4.0]), &g).unwrap();
         assert_eq!(d.selected, vec![3, 0]);
         let e = (-1.0f64).exp();
         assert!((d.weights[0] - 1.0 / (1.0 + e)).abs() < 1e-15);
         // Llama 4: σ of the selected logit.
-        let l = rule(json!({"model_type": "llama4", "text_config": {"model_type": "llama4_text", "num_local_experts": 4, "num_experts_per_tok": 1}}));
+        let l = rule(
+            json!({"model_type": "llama4", "text_config": {"model_type": "llama4_text", "num_local_experts": 4, "num_experts_per_tok": 1}}),
+        );
         assert_eq!(l.family, "llama4_text");
         let d = route_token(&z, None, &l).unwrap();
         assert_eq!(d.selected, vec![0]);
         assert!((d.weights[0] - 1.0 / (1.0 + (-2.0f64).exp())).abs() < 1e-15);
         // DeepSeek-V3: groups of 2, keep 1 group; the bias moves selection, not the weights.
-        let v3 = rule(json!({"model_type": "deepseek_v3", "n_routed_experts": 4, "num_experts_per_tok": 1,
-            "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.0, "norm_topk_prob": false}));
+        let v3 = rule(
+            json!({"model_type": "deepseek_v3", "n_routed_experts": 4, "num_experts_per_tok": 1,
+            "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.0, "norm_topk_prob": false}),
+        );
         let d = route_token(&z, Some(&[0.0, 0.0, 0.0, 5.0]), &v3).unwrap();
         assert_eq!(d.selected, vec![3]);
         assert!((d.weights[0] - 2.0 / (1.0 + 1f64.exp())).abs() < 1e-15);
         // DeepSeek-V2 group-limited: group max picks group 1 = {2, 3}.
-        let v2 = rule(json!({"model_type": "deepseek_v2", "n_routed_experts": 4, "num_experts_per_tok": 2,
-            "topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1}));
+        let v2 = rule(
+            json!({"model_type": "deepseek_v2", "n_routed_experts": 4, "num_experts_per_tok": 2,
+            "topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1}),
+        );
         let d = route_token(&[1.0, 1.0, 3.0, -5.0], None, &v2).unwrap();
         assert_eq!(d.selected, vec![2, 3]);
     }
@@ -1718,12 +1781,18 @@ mod tests {
     #[test]
     fn batched_routing_equals_per_token() {
         let (e, h, n) = (6usize, 5usize, 300usize);
-        let g = rule(json!({"model_type": "gpt_oss", "num_local_experts": e, "num_experts_per_tok": 2}));
+        let g = rule(
+            json!({"model_type": "gpt_oss", "num_local_experts": e, "num_experts_per_tok": 2}),
+        );
         let (r, b, hs) = (lcg(10, e * h), lcg(11, e), lcg(12, n * h));
         let all = route_tokens(&g, &r, Some(&b), &hs, n, h).unwrap();
         for i in [0, 1, 255, 256, 299] {
             let z: Vec<f64> = (0..e)
-                .map(|j| (0..h).map(|c| hs[i * h + c] as f64 * r[j * h + c] as f64).sum())
+                .map(|j| {
+                    (0..h)
+                        .map(|c| hs[i * h + c] as f64 * r[j * h + c] as f64)
+                        .sum()
+                })
                 .collect();
             let d = route_token(&z, Some(&b), &g).unwrap();
             assert_eq!(d.selected, all.selected[i * 2..i * 2 + 2]);
@@ -1739,18 +1808,56 @@ mod tests {
         let e = RoutingRule::from_config(&json!({"model_type": "llama"})).unwrap_err();
         assert!(e.to_string().contains("\"llama\""), "{e}");
         assert!(RoutingRule::from_config(&json!({})).is_err());
-        assert!(RoutingRule::from_config(&json!({"model_type": "deepseek_v2", "n_routed_experts": 8})).is_err());
-        assert!(RoutingRule::from_config(&json!({"model_type": "mixtral", "num_local_experts": 2, "num_experts_per_tok": 3})).is_err());
-        assert!(RoutingRule::from_config(&json!({"model_type": "deepseek_v3", "n_routed_experts": 6, "n_group": 4})).is_err());
-        assert!(RoutingRule::from_config(&json!({"model_type": "mixtral", "num_local_experts": "8"})).is_err());
+        assert!(RoutingRule::from_config(
+            &json!({"model_type": "deepseek_v2", "n_routed_experts": 8})
+        )
+        .is_err());
+        assert!(RoutingRule::from_config(
+            &json!({"model_type": "mixtral", "num_local_experts": 2, "num_experts_per_tok": 3})
+        )
+        .is_err());
+        assert!(RoutingRule::from_config(
+            &json!({"model_type": "deepseek_v3", "n_routed_experts": 6, "n_group": 4})
+        )
+        .is_err());
+        assert!(RoutingRule::from_config(
+            &json!({"model_type": "mixtral", "num_local_experts": "8"})
+        )
+        .is_err());
         // Bias required / refused.
-        let g = rule(json!({"model_type": "gpt_oss", "num_local_experts": 2, "num_experts_per_tok": 1}));
+        let g = rule(
+            json!({"model_type": "gpt_oss", "num_local_experts": 2, "num_experts_per_tok": 1}),
+        );
         let mut acc = RoutingDriftAcc::new(&g);
-        assert!(acc.update(&[1.0, 0.0], None, &[1.0, 0.0], None, &[1.0], &[1.0], 1, 1).is_err());
+        assert!(acc
+            .update(&[1.0, 0.0], None, &[1.0, 0.0], None, &[1.0], &[1.0], 1, 1)
+            .is_err());
         let m = mixtral(2, 1);
         let mut acc = RoutingDriftAcc::new(&m);
-        assert!(acc.update(&[1.0, 0.0], Some(&[0.0, 0.0]), &[1.0, 0.0], None, &[1.0], &[1.0], 1, 1).is_err());
-        assert!(acc.update(&[1.0, 0.0], None, &[1.0, 0.0], None, &[1.0, 2.0], &[1.0], 1, 1).is_err());
+        assert!(acc
+            .update(
+                &[1.0, 0.0],
+                Some(&[0.0, 0.0]),
+                &[1.0, 0.0],
+                None,
+                &[1.0],
+                &[1.0],
+                1,
+                1
+            )
+            .is_err());
+        assert!(acc
+            .update(
+                &[1.0, 0.0],
+                None,
+                &[1.0, 0.0],
+                None,
+                &[1.0, 2.0],
+                &[1.0],
+                1,
+                1
+            )
+            .is_err());
     }
 
     #[test]
@@ -1775,10 +1882,14 @@ mod tests {
     }
 
     fn lcg(seed: u64, n: usize) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -1787,19 +1898,35 @@ mod tests {
     #[test]
     fn batched_threads_and_merge_agree() {
         let (e, h, n) = (8usize, 16usize, 700usize);
-        let v3 = rule(json!({"model_type": "deepseek_v3", "n_routed_experts": e, "num_experts_per_tok": 2,
-            "n_group": 4, "topk_group": 2}));
+        let v3 = rule(
+            json!({"model_type": "deepseek_v3", "n_routed_experts": e, "num_experts_per_tok": 2,
+            "n_group": 4, "topk_group": 2}),
+        );
         let (r0, rt, hs) = (lcg(1, e * h), lcg(2, e * h), lcg(3, n * h));
         let (b0, bt) = (lcg(4, e), lcg(5, e));
         let run = |batch, threads| {
-            routing_drift(&v3, &r0, Some(&b0), &rt, Some(&bt), &hs, &hs, n, h, None,
-                &RoutingOptions { batch, threads }).unwrap()
+            routing_drift(
+                &v3,
+                &r0,
+                Some(&b0),
+                &rt,
+                Some(&bt),
+                &hs,
+                &hs,
+                n,
+                h,
+                None,
+                &RoutingOptions { batch, threads },
+            )
+            .unwrap()
         };
         let a = run(100, 1);
         let b = run(100, 2);
         assert_eq!(format!("{a:?}"), format!("{b:?}"));
         let mut whole = RoutingDriftAcc::new(&v3);
-        whole.update(&r0, Some(&b0), &rt, Some(&bt), &hs, &hs, n, h).unwrap();
+        whole
+            .update(&r0, Some(&b0), &rt, Some(&bt), &hs, &hs, n, h)
+            .unwrap();
         let w = whole.finish();
         assert_eq!(a.load_base, w.load_base);
         assert!((a.js_mean - w.js_mean).abs() <= 1e-13 * w.js_mean);
@@ -1840,7 +1967,7 @@ mod tests {
                 prop_assert!(x.rel_drift >= 0.0 && x.norm_drift >= -1.0);
             }
             let g = w.rel_drift_gini;
-            prop_assert!(g >= 0.0 && g < 1.0);
+            prop_assert!((0.0..1.0).contains(&g));
         }
 
         #[test]
