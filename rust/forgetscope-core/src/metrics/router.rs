@@ -35,11 +35,19 @@
 //! TV = ½‖f^t − f⁰‖₁, max-load ratio E·max f_e, Switch balance E·Σ_e f_e·P_e with P_e = mean_i p_ie
 //! (HF `load_balancing_loss_func`). Qwen2-MoE shared-expert gate: mean |σ(g^t·h) − σ(g⁰·h)|.
 //!
+//! **Precision vs the model's own forward.** transformers computes the router in float32
+//! (Mixtral/Qwen/OLMoE upcast before softmax, DeepSeek upcasts the logits) and Llama 4 / GPT-OSS
+//! take top-k on logits in the model dtype (bf16 in practice). We reproduce the *rule* exactly in
+//! f64, so for a token whose top-k boundary is closer than the model dtype's rounding, the
+//! selection here is the exact one and may differ from what a bf16 forward picked.
+//!
 //! Any non-finite logit (from a NaN/Inf weight, bias or hidden state) makes every data-dependent
 //! metric NaN and is counted in `n_nonfinite`: nothing is reported on silently filtered tokens.
 //!
-//! Complexity: weight-only O(EH); data-dependent O(nEH) for the logits plus O(nE log E) for the
-//! rules; memory O(E) per accumulator plus O(bH + EH) f64 working buffers (b = 256-token blocks).
+//! Complexity: weight-only O(EH); data-dependent O(nEH) for the logits plus O(nE) for the rules
+//! (quickselect) and metrics; memory O(E) per accumulator plus O(bH + EH) f64 working buffers
+//! (b = 256-token blocks). Measured on this machine (2 shared cores): the per-token work is ~5 µs
+//! per token for E = 128 (both routers, all metrics), the f64 GEMM ~20–27 GFLOP/s per core.
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
