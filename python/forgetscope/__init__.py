@@ -15,6 +15,17 @@ from .exceptions import (
     UsageError,
 )
 from .results import Analysis, AnalysisTable, HEResults, Inspection, TrajectoryResults, load_results
+from .routing import (
+    BiasDriftResult,
+    RouterWeightDriftResult,
+    RoutedTokens,
+    RoutingDriftResult,
+    route_tokens,
+    router_bias_drift,
+    router_weight_drift,
+    routing_drift,
+    routing_rule,
+)
 
 __all__ = [
     "__version__",
@@ -37,4 +48,13 @@ __all__ = [
     "UnsafePathError",
     "CheckpointNotFoundError",
     "CheckpointPermissionError",
+    "routing_rule",
+    "routing_drift",
+    "route_tokens",
+    "RoutedTokens",
+    "router_weight_drift",
+    "router_bias_drift",
+    "RoutingDriftResult",
+    "RouterWeightDriftResult",
+    "BiasDriftResult",
 ]

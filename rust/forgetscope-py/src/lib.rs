@@ -6,6 +6,7 @@ mod analyze;
 mod convert;
 mod errors;
 mod metrics;
+mod routing;
 mod run;
 
 use std::path::PathBuf;
@@ -183,5 +184,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?)?;
     m.add_class::<metrics::PyStreamingCka>()?;
     m.add_class::<metrics::PyMinibatchCka>()?;
+    routing::register(m)?;
     Ok(())
 }
