@@ -22,15 +22,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 
 from . import _core
 from .api import resolve_threads
 from .exceptions import UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .results import AnalysisTable
 
 __all__ = [
     "RoutingDriftResult",
@@ -43,6 +47,8 @@ __all__ = [
     "router_weight_drift",
     "router_bias_drift",
     "gini",
+    "load_hidden_states",
+    "checkpoint_routing_drift",
 ]
 
 ConfigLike = Union[Mapping[str, Any], str, "os.PathLike[str]", Any]
@@ -456,3 +462,150 @@ def gini(x: Any) -> float:
     """
     a = np.asarray(x, dtype=np.float64).reshape(-1)
     return _core.gini(a.tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint level: router weights from the checkpoints, hidden states from the user
+
+HiddenSource = Union[Mapping[Any, Any], str, "os.PathLike[str]"]
+
+_LAYER_KEY = re.compile(r"(\d+)(?!.*\d)")
+
+
+def _layer_of(key: Any) -> int:
+    if isinstance(key, (int, np.integer)):
+        return int(key)
+    m = _LAYER_KEY.search(str(key))
+    if m is None:
+        raise UsageError(f"hidden-state key {key!r} has no layer number (use e.g. 'layers.3' or 3)")
+    return int(m.group(1))
+
+
+def load_hidden_states(source: HiddenSource) -> Dict[int, np.ndarray]:
+    """Router-input hidden states per layer, from a mapping ``{layer: [n, H] array}``, a
+    ``.safetensors`` or ``.npz`` file, or a directory of ``.npy`` files; keys and names carry the
+    layer as their last integer (``layers.3``, ``layer_3.npy``, ``3``).
+
+    Raises:
+        UsageError: an unreadable source, a key without a layer number, or a layer given twice.
+    """
+    items: list = []
+    if isinstance(source, Mapping):
+        items = list(source.items())
+    else:
+        p = Path(source)
+        if not p.exists():
+            raise UsageError(f"{p}: no such file or directory")
+        if p.is_dir():
+            files = sorted(p.glob("*.npy"))
+            if not files:
+                raise UsageError(f"{p}: no .npy files (expected one [n, H] array per layer, e.g. layer_3.npy)")
+            items = [(f.stem, np.load(f, allow_pickle=False)) for f in files]
+        elif p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                items = [(k, z[k]) for k in z.files]
+        elif p.suffix == ".safetensors":
+            from .api import inspect, read_tensor
+
+            names = inspect(p).columns["name"]
+            items = [(n, read_tensor(p, n, max_bytes="64GiB")) for n in names]
+        else:
+            raise UsageError(f"{p}: hidden states must be a .safetensors or .npz file or a directory of .npy files")
+    out: Dict[int, np.ndarray] = {}
+    for k, v in items:
+        layer = _layer_of(k)
+        if layer in out:
+            raise UsageError(f"hidden states for layer {layer} are given twice (key {k!r})")
+        out[layer] = v
+    return out
+
+
+def checkpoint_routing_drift(
+    base: Union[str, "os.PathLike[str]"],
+    ckpt: Union[str, "os.PathLike[str]"],
+    hidden_states: HiddenSource,
+    hidden_states_ckpt: Optional[HiddenSource] = None,
+    *,
+    model_config: Optional[ConfigLike] = None,
+    batch_size: int = 2048,
+    threads: Optional[int] = None,
+    allow_external_symlinks: bool = False,
+) -> "AnalysisTable":
+    """Data-dependent routing drift of every MoE layer of two checkpoints (METRICS.md §4.3).
+
+    Router weights (and the GPT-OSS router bias, DeepSeek-V3 ``e_score_correction_bias``, Qwen2-MoE
+    shared-expert gate) are read from the checkpoints, located by the structure resolver; the
+    routing rule comes from ``config.json`` beside ``base`` (or ``model_config``). Every layer that
+    has hidden states and a router gets one row per mode: ``same_hidden`` (``hidden_states``
+    through both routers: router drift alone) and, when ``hidden_states_ckpt`` is given,
+    ``own_hidden`` (each model's own hidden states: total routing change).
+
+    Returns:
+        AnalysisTable ``routing``: checkpoint, layer, mode, n_tokens, js_mean, js_bernoulli_mean,
+        topk_overlap, jaccard, top1_agreement, weight_l1_mean, load_entropy_base/ckpt, load_tv,
+        max_load_ratio_base/ckpt, balance_base/ckpt, shared_gate_drift, load_base/ckpt (JSON lists).
+
+    Raises:
+        UsageError: hidden states for a layer that has no router, mismatched token counts.
+        InvalidCheckpointError: malformed checkpoints or config.
+    """
+    from .api import read_tensor, structure
+    from .results import AnalysisTable
+
+    cfg_source = model_config
+    if cfg_source is None:
+        b = Path(base)
+        cfg_source = b if b.is_dir() else b.parent
+    config = _config_dict(cfg_source)
+    st, roles = structure(base, model_config=model_config if isinstance(model_config, (str, os.PathLike)) else None,
+                          allow_external_symlinks=allow_external_symlinks)
+    per_layer: Dict[int, Dict[str, str]] = {}
+    for r in roles.rows():
+        if r["layer"] >= 0 and r["module"] in ("router", "router_bias", "score_correction_bias", "shared_expert_gate"):
+            per_layer.setdefault(int(r["layer"]), {})[r["module"]] = r["tensor"]
+    h0 = load_hidden_states(hidden_states)
+    ht = load_hidden_states(hidden_states_ckpt) if hidden_states_ckpt is not None else {}
+    for layer in sorted(set(h0) | set(ht)):
+        if "router" not in per_layer.get(layer, {}):
+            raise UsageError(f"hidden states were given for layer {layer}, which has no router "
+                             f"(MoE layers: {sorted(l for l, t in per_layer.items() if 'router' in t)})")
+    if hidden_states_ckpt is not None and set(ht) != set(h0):
+        raise UsageError(f"hidden_states covers layers {sorted(h0)} but hidden_states_ckpt covers {sorted(ht)}")
+
+    def read(path: Any, name: str) -> np.ndarray:
+        return read_tensor(path, name, allow_external_symlinks=allow_external_symlinks)
+
+    rows: list = []
+    for layer in sorted(h0):
+        t = per_layer[layer]
+        bias_name = t.get("router_bias") or t.get("score_correction_bias")
+        kw: Dict[str, Any] = {}
+        if bias_name is not None:
+            kw.update(bias_base=read(base, bias_name), bias_ckpt=read(ckpt, bias_name))
+        if "shared_expert_gate" in t:
+            kw.update(shared_gate_base=read(base, t["shared_expert_gate"]),
+                      shared_gate_ckpt=read(ckpt, t["shared_expert_gate"]))
+        r0, rt = read(base, t["router"]), read(ckpt, t["router"])
+        modes = [(None, "same_hidden")] + ([(ht[layer], "own_hidden")] if hidden_states_ckpt is not None else [])
+        for hidden_ckpt, _mode in modes:
+            d = routing_drift(r0, rt, h0[layer], hidden_ckpt, config=config, batch_size=batch_size,
+                              threads=threads, **kw)
+            row = {"checkpoint": 1, "layer": layer, "mode": d.mode}
+            for k, v in d.__dict__.items():
+                if k in ("mode", "rule"):
+                    continue
+                row[k] = json.dumps(np.asarray(v).tolist()) if isinstance(v, np.ndarray) else v
+            rows.append(row)
+    names = list(rows[0]) if rows else ["checkpoint", "layer", "mode"]
+    cols: Dict[str, Any] = {}
+    for n in names:
+        vals = [r[n] for r in rows]
+        if vals and isinstance(vals[0], str):
+            cols[n] = vals
+        elif n in ("checkpoint", "layer", "n_tokens", "n_nonfinite"):
+            cols[n] = np.asarray(vals, dtype=np.int64)
+        else:
+            cols[n] = np.asarray(vals, dtype=np.float64)
+    meta = {"schema_version": _core.SCHEMA_VERSION, "structure": st,
+            "conventions": {"routing": "METRICS.md §4.3; rule " + json.dumps(routing_rule(config))}}
+    return AnalysisTable("routing", cols, meta)
