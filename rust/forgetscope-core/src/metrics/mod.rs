@@ -3,5 +3,5 @@
 pub mod cka;
 pub mod drift;
 pub mod he;
-pub mod spectral;
 pub(crate) mod kernels;
+pub mod spectral;
