@@ -83,7 +83,7 @@
 //! σᵢ(U_t − U₀(U₀ᵀU_t)). The sines are accurate for tiny angles (θ = 1e-9 is recovered; the cosine
 //! route returns 0); θᵢ = asin(sin θᵢ) when sin²θᵢ < ½ and acos(cos θᵢ) otherwise, so large angles
 //! are accurate too. Summaries, all from the sines: overlap Ω = mean cos²θ = 1 − Σsin²θ/k
-//! (= ‖U₀ᵀU_t‖_F²/k), excess overlap Ω − k/dim (independent random subspaces have E[Ω] = k/dim),
+//! (= ‖U₀ᵀU_t‖_F²/k), excess overlap Ω − k/dim (independent random subspaces have E(Ω) = k/dim),
 //! projection distance ‖U₀U₀ᵀ − U_tU_tᵀ‖_F = √(2Σsin²θ), Grassmann distance √(Σθ²), the largest
 //! angle, and the gap ratios σ_{k+1}/σ_k of both spectra (the top-k subspace is ill-defined when
 //! this is near 1). Cost O(dim·k²).
@@ -1530,7 +1530,7 @@ mod tests {
                 .excess_overlap;
         }
         mean /= trials as f64;
-        // E[Ω] = k/dim = 0.1; the sd of one Ω is ≈ 0.05, so the mean of 300 is within ~0.003.
+        // E(Ω) = k/dim = 0.1; the sd of one Ω is ≈ 0.05, so the mean of 300 is within ~0.003.
         assert!(mean.abs() < 0.012, "{mean}");
     }
 
