@@ -12,6 +12,7 @@ import pytest
 import forgetscope as fs
 from forgetscope.exceptions import UsageError
 from forgetscope.safetensors_io import save_file
+from conftest import run_cli
 from structure_fixtures import EXPECTED_STRUCTURE
 
 pytest.importorskip("transformers")
@@ -106,3 +107,18 @@ def test_errors_name_the_problem(structure_case, tmp_path):
         fs.checkpoint_routing_drift(c.base, c.ft1, tmp_path / "missing.npz")
     with pytest.raises(UsageError, match="covers layers"):
         fs.checkpoint_routing_drift(c.base, c.ft1, _hidden([1]), {})  # empty mapping = no own-hidden layers
+
+
+def test_analyze_adds_the_routing_table(structure_case, tmp_path):
+    c = structure_case("olmoe")
+    h = _hidden([0, 1])
+    np.savez(tmp_path / "h.npz", **{f"layer_{l}": a for l, a in h.items()})
+    res = fs.analyze(c.base, c.ft1, metrics=["router_drift"], router_hidden=tmp_path / "h.npz")
+    want = list(fs.checkpoint_routing_drift(c.base, c.ft1, h).rows())
+    got = list(res.by_routing().rows())
+    assert [r["js_mean"] for r in got] == [r["js_mean"] for r in want]
+    r = run_cli(["analyze", c.base, c.ft1, "-q", "--metrics", "router_drift", "--router-hidden", tmp_path / "h.npz",
+                 "-o", tmp_path / "out"])
+    assert r.returncode == 0, r.stderr
+    loaded = fs.load_results(tmp_path / "out" / "routing.json")
+    assert loaded.kind == "routing" and list(loaded.columns["layer"]) == [0, 1]
