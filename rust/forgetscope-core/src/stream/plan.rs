@@ -138,9 +138,16 @@ pub fn plan_trajectory(ckpts: &[Checkpoint], budget: &Budget) -> Plan {
                     checkpoint: t,
                     kind: "dtype".into(),
                     detail: format!(
-                        "stored as {} in checkpoint {t} vs {} in the base; compared after decoding both to f32",
+                        "stored as {} in checkpoint {t} vs {} in the base; compared after decoding both to f32{}",
                         other.format(),
-                        base.format()
+                        base.format(),
+                        if crate::layout::is_fused_expert_weight(&base.name)
+                            && (other.format() == "MXFP4") != (base.format() == "MXFP4")
+                        {
+                            " in storage order (a re-save of MXFP4 experts may be transposed: `analyze`, which reads config.json, compares them expert by expert in the right orientation)"
+                        } else {
+                            ""
+                        }
                     ),
                 });
             }
