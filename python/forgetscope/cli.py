@@ -12,7 +12,7 @@ import os
 import sys
 import tempfile
 import traceback
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from . import __version__
 from ._display import escape
@@ -48,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"forgetscope {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    d = sub.add_parser("demo", help="write a small sharded MoE base + two fine-tunes and show their trajectory")
+    d = sub.add_parser("demo", help="write a small sharded MoE base + two fine-tunes and analyze them (heads, experts, routers, spectra)")
     d.add_argument("--dir", help="write the demo checkpoints here and keep them (default: a temporary directory)")
     d.add_argument("-o", "--output", action="append", default=[], help="also write results (.json, .csv, .parquet)")
-    _common_run(d)
+    _common_run(d, memory_default="2GiB")
 
     i = sub.add_parser("inspect", help="validate a checkpoint and list its tensors")
     i.add_argument("checkpoint", help="a .safetensors file, a checkpoint directory, an index, or a HF snapshot")
@@ -156,17 +156,33 @@ def _run_trajectory(paths: Sequence[str], args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_demo_analysis(paths: Dict[str, str], args: argparse.Namespace) -> int:
+    """The demo's main job: every weight metric over base → ft1 → ft2, then the summary."""
+    from .api import analyze
+
+    bar = ProgressBar(enabled=None if not args.quiet else False)
+    try:
+        res = analyze(paths["base"], paths["ft1"], paths["ft2"], threads=args.threads,
+                      memory_budget=args.memory_budget, progress=lambda _stage: bar)
+    finally:
+        bar.close()
+    for out in args.output:
+        res.trajectory.save(out)
+    if not args.quiet:
+        print(res.summary(top=1))
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import write_demo
 
     if args.dir:
-        paths = write_demo(args.dir)
-        return _run_trajectory([paths["base"], paths["ft1"], paths["ft2"]], args)
+        return _run_demo_analysis(write_demo(args.dir), args)
     with tempfile.TemporaryDirectory(prefix="forgetscope-demo-") as tmp:
         paths = write_demo(tmp)
         if not args.quiet:
-            print(f"demo: wrote a sharded bf16 MoE base and two fine-tunes under {tmp}")
-        return _run_trajectory([paths["base"], paths["ft1"], paths["ft2"]], args)
+            print(f"demo: wrote a sharded bf16 Mixtral-style base and two fine-tunes under {tmp}")
+        return _run_demo_analysis(paths, args)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

@@ -229,6 +229,6 @@ mod tests {
         assert!((d.rel_drift - 0.5).abs() < 1e-15);
         assert!((d.gate_rel_drift - 0.5).abs() < 1e-15);
         assert!(d.up_rel_drift.is_nan());
-        assert_eq!(ExpertSums::default().finish().rel_drift.is_nan(), true);
+        assert!(ExpertSums::default().finish().rel_drift.is_nan());
     }
 }

@@ -232,7 +232,7 @@ pub enum Side {
 pub fn top_svd(a: &[f32], m: usize, n: usize, k: usize, opts: &SpectralOptions) -> Result<TopSvd> {
     check_shape(a.len(), m, n)?;
     let fro2 = sum_sq(a);
-    Ok(compute(a, m, n, k, fro2, false, opts).top)
+    Ok(compute(a, m, n, k, fro2, false, true, opts).top)
 }
 
 /// Spectral summary of the m×n row-major matrix `a` plus its top-(k+1) triplets (for
@@ -247,6 +247,30 @@ pub fn spectral_stats(
     fro2: f64,
     opts: &SpectralOptions,
 ) -> Result<(SpectralStats, TopSvd)> {
+    stats_impl(a, m, n, fro2, opts, true)
+}
+
+/// [`spectral_stats`] without singular vectors: the same numbers, for matrices whose subspaces are
+/// not compared (ΔW). In exact mode this skips forming the vectors (about 3× less work for square
+/// matrices); the randomized sketch is unchanged.
+pub fn spectral_values(
+    a: &[f32],
+    m: usize,
+    n: usize,
+    fro2: f64,
+    opts: &SpectralOptions,
+) -> Result<SpectralStats> {
+    stats_impl(a, m, n, fro2, opts, false).map(|(s, _)| s)
+}
+
+fn stats_impl(
+    a: &[f32],
+    m: usize,
+    n: usize,
+    fro2: f64,
+    opts: &SpectralOptions,
+    vectors: bool,
+) -> Result<(SpectralStats, TopSvd)> {
     check_shape(a.len(), m, n)?;
     if fro2 < 0.0 || fro2 == f64::NEG_INFINITY {
         return Err(Error::Config {
@@ -254,7 +278,7 @@ pub fn spectral_stats(
         });
     }
     let fro2 = if fro2.is_nan() { sum_sq(a) } else { fro2 };
-    let out = compute(a, m, n, opts.k.saturating_add(1), fro2, true, opts);
+    let out = compute(a, m, n, opts.k.saturating_add(1), fro2, true, vectors, opts);
     let top = out.top;
     let method = top.method;
     let fro = fro2.sqrt();
@@ -419,6 +443,7 @@ struct Computed {
     all_sigmas: Vec<f64>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn compute(
     a: &[f32],
     m: usize,
@@ -426,6 +451,7 @@ fn compute(
     k: usize,
     fro2: f64,
     with_pr: bool,
+    vectors: bool,
     opts: &SpectralOptions,
 ) -> Computed {
     let r = m.min(n);
@@ -455,7 +481,7 @@ fn compute(
     }
     let am = MatRef::from_row_major_slice(a, m, n);
     if exact {
-        match exact_svd(a, m, n, kk, opts.par) {
+        match exact_svd(a, m, n, kk, vectors, opts.par) {
             Some((u, s, v)) => Computed {
                 top: TopSvd {
                     u,
@@ -545,6 +571,7 @@ fn exact_svd(
     m: usize,
     n: usize,
     kk: usize,
+    vectors: bool,
     par: Par,
 ) -> Option<(Mat<f64>, Vec<f64>, Mat<f64>)> {
     if a.iter().any(|x| !x.is_finite()) {
@@ -557,7 +584,7 @@ fn exact_svd(
     } else {
         Mat::from_fn(n, m, |i, j| a[j * n + i] as f64)
     };
-    let (left, s, right) = tall_svd(t, kk, par)?;
+    let (left, s, right) = tall_svd(t, kk, vectors, par)?;
     if tall {
         Some((left, s, right))
     } else {
@@ -644,10 +671,23 @@ fn orth(a: Mat<f64>) -> (Mat<f64>, Mat<f64>) {
 
 /// Thin SVD of a tall M×N matrix (M ≥ N) through QR then the SVD of the N×N factor R:
 /// (top-`kk` left vectors M×kk, all N singular values descending, top-`kk` right vectors N×kk).
-fn tall_svd(t: Mat<f64>, kk: usize, par: Par) -> Option<(Mat<f64>, Vec<f64>, Mat<f64>)> {
+fn tall_svd(
+    t: Mat<f64>,
+    kk: usize,
+    vectors: bool,
+    par: Par,
+) -> Option<(Mat<f64>, Vec<f64>, Mat<f64>)> {
     let (rows, cols) = t.shape();
     debug_assert!(rows >= cols && kk <= cols);
     let qr = HouseQr::new(t, par);
+    if !vectors {
+        // Values only: σ(A) = σ(R); no vectors are formed (they come back with zero columns).
+        let sig = singular_values(qr.r.as_ref())?;
+        if sig.iter().any(|x| !x.is_finite()) {
+            return None;
+        }
+        return Some((Mat::zeros(rows, 0), sig, Mat::zeros(cols, 0)));
+    }
     let mut s = Diag::<f64>::zeros(cols);
     let mut ur = Mat::<f64>::zeros(cols, cols);
     let mut vr = Mat::<f64>::zeros(cols, cols);
@@ -837,7 +877,7 @@ fn randomized_svd(
     let bt = Mat::from_fn(n, l, |i, j| bt_s[(i, j)] / s);
     drop(out);
     // Bᵀ = V_B Σ U_Bᵀ (n ≥ l): A ≈ Q·B = (Q·U_B) Σ V_Bᵀ.
-    let (vb, sig, ub) = tall_svd(bt, kk, Par::Seq)?;
+    let (vb, sig, ub) = tall_svd(bt, kk, true, Par::Seq)?;
     let mut u = Mat::<f64>::zeros(m, kk);
     matmul(
         u.as_mut(),
@@ -1659,5 +1699,28 @@ mod tests {
         let (st, _) = spectral_stats(&a, 5, 4, f64::NAN, &opts_exact()).unwrap();
         let js = serde_json::to_string(&st).unwrap();
         assert!(js.contains("\"method\":\"exact\""));
+    }
+
+    #[test]
+    fn values_only_equals_full_stats() {
+        for &(m, n) in &[(40usize, 25usize), (25, 40), (700, 600)] {
+            let a: Vec<f32> = (0..m * n)
+                .map(|i| (i as f32 * 0.618).sin() + (i % 7) as f32 * 0.1)
+                .collect();
+            let opts = SpectralOptions::default();
+            let (full, _) = spectral_stats(&a, m, n, f64::NAN, &opts).unwrap();
+            let vals = spectral_values(&a, m, n, f64::NAN, &opts).unwrap();
+            assert_eq!(full.method, vals.method);
+            for (x, y) in [
+                (full.sigma1, vals.sigma1),
+                (full.stable_rank, vals.stable_rank),
+                (full.participation_ratio, vals.participation_ratio),
+            ] {
+                assert!((x - y).abs() <= 1e-12 * x.abs(), "{m}x{n}: {x} vs {y}");
+            }
+            if full.method == "exact" {
+                assert!((full.erank - vals.erank).abs() <= 1e-12 * full.erank);
+            }
+        }
     }
 }
