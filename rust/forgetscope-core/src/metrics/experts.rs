@@ -209,12 +209,12 @@ mod tests {
                         interleaved,
                     },
                 );
-                for p in 0..2 {
+                for (p, w) in want.iter().enumerate() {
                     assert!(
-                        (s.delta2[p] - want[p].0).abs() < 1e-12,
+                        (s.delta2[p] - w.0).abs() < 1e-12,
                         "{interleaved} {transposed}"
                     );
-                    assert!((s.base2[p] - want[p].1).abs() < 1e-12);
+                    assert!((s.base2[p] - w.1).abs() < 1e-12);
                 }
             }
         }
