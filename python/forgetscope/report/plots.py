@@ -28,8 +28,11 @@ NAN_FILL = "#d9d9d9"
 FONT = 11
 
 
-def esc(text: object) -> str:
-    """HTML-escape ``text`` after neutralising control and bidi characters (names come from files)."""
+def esc(text: object, multiline: bool = False) -> str:
+    """HTML-escape ``text`` after neutralising control and bidi characters (names come from files);
+    ``multiline`` keeps line breaks (for ``<pre>`` blocks)."""
+    if multiline:
+        return "\n".join(esc(line) for line in str(text).split("\n"))
     return html.escape(_term_escape(str(text)), quote=True)
 
 
@@ -154,31 +157,37 @@ def heatmap(
     """
     nr, nc = len(row_labels), len(col_labels)
     marked = marked or set()
-    cw = min(40.0, max(4.0, 760.0 / max(nc, 1)))
-    ch = min(28.0, max(3.0, 520.0 / max(nr, 1)))
+    # sizes on a 0.1 px grid so every position prints exactly with one decimal (keeps the file small)
+    cw = round(min(40.0, max(4.0, 760.0 / max(nc, 1))), 1)
+    ch = round(min(28.0, max(3.0, 520.0 / max(nr, 1))), 1)
     left, top = 64.0, 36.0
     gw, gh = cw * nc, ch * nr
     width = left + max(gw, 420.0) + 20
     height = top + gh + 64
     scale = ColorScale((v for row in values for v in row), diverging=diverging)
     out = [f'<svg class="plot {esc(kind)}" data-kind="{esc(kind)}" data-rows="{nr}" data-cols="{nc}" '
-           f'width="{width:.0f}" height="{height:.0f}" viewBox="0 0 {width:.0f} {height:.0f}" role="img" '
-           f'aria-label="{esc(value_name)} by {esc(row_title)} and {esc(col_title)}">']
-    out.append(f'<g class="cells">')
+           f'data-row-title="{esc(row_title)}" data-col-title="{esc(col_title)}" data-value-name="{esc(value_name)}" '
+           f'data-mark-name="{esc(mark_name)}" width="{width:.0f}" height="{height:.0f}" '
+           f'viewBox="0 0 {width:.0f} {height:.0f}" role="img" '
+           f'aria-label="{esc(value_name)} by {esc(row_title)} and {esc(col_title)}">'
+           f'<title>{esc(value_name)} by {esc(row_title)} and {esc(col_title)} (hover a cell)</title>']
+    # one element per cell, no per-cell <title>: the page's script shows a tooltip from the data-*
+    # attributes, which keeps a 60-layer x 256-expert heatmap at a few MB
+    out.append('<g class="cells">')
+    rows_esc = [esc(x) for x in row_labels]
+    cols_esc = [esc(x) for x in col_labels]
     for r in range(nr):
+        y = f"{top + r * ch:.1f}"
         for c in range(nc):
             v = values[r][c]
-            tip = f"{row_title} {row_labels[r]}, {col_title} {col_labels[c]}: {value_name} {fmt(v)}"
+            dv = f"{float(v):.6g}" if finite(v) else "nan"
+            extra = ""
             if tooltips and (r, c) in tooltips:
-                tip += "; " + tooltips[(r, c)]
-            mark = (r, c) in marked
-            if mark:
-                tip += f" ({mark_name})"
-            dv = repr(float(v)) if finite(v) else "nan"
+                extra = f' data-tip="{esc(tooltips[(r, c)])}"'
             out.append(
-                f'<rect class="cell{" marked" if mark else ""}" x="{left + c * cw:.2f}" y="{top + r * ch:.2f}" '
-                f'width="{cw:.2f}" height="{ch:.2f}" fill="{scale(v)}" data-row="{esc(row_labels[r])}" '
-                f'data-col="{esc(col_labels[c])}" data-value="{dv}"><title>{esc(tip)}</title></rect>')
+                f'<rect class="cell{" marked" if (r, c) in marked else ""}" x="{left + c * cw:.1f}" y="{y}" '
+                f'width="{cw:.1f}" height="{ch:.1f}" fill="{scale(v)}" data-row="{rows_esc[r]}" '
+                f'data-col="{cols_esc[c]}" data-value="{dv}"{extra}/>')
     out.append("</g>")
     for r, c in sorted(marked):
         if r < nr and c < nc:
@@ -328,6 +337,8 @@ def line_chart(
         if run:
             segs.append(run)
         for seg in segs:
+            if len(seg) < 2:  # a lone point: its marker shows it
+                continue
             out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.6" points="{" ".join(seg)}"/>')
         out.extend(marks)
         out.append("</g>")

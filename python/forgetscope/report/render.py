@@ -29,6 +29,8 @@ EXTRA_TABLES = ("cka",)
 DEFAULT_TOP = 50
 #: At most this many checkpoint tabs per figure (heatmaps of large models are big).
 MAX_PANELS = 8
+#: Heatmap cells per figure group (all its checkpoint panels together), ~150 bytes each.
+MAX_CELLS = 40_000
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,13 +306,16 @@ class _Report:
         return dict(sorted(out.items()))
 
     def ck_tabs(self, group: str, rows: List[Row], draw: Callable[[int, List[Row]], str],
-                skip_zero: bool = True) -> str:
+                skip_zero: bool = True, cells: int = 0) -> str:
+        """One tab per checkpoint. ``cells`` (per panel) bounds the panels so that a heatmap group
+        stays under ``MAX_CELLS`` elements; the last checkpoint is always drawn."""
         groups = [(k, rs) for k, rs in self.by_ck(rows).items() if not (skip_zero and k == 0)]
         note = ""
-        if len(groups) > MAX_PANELS:  # keep the file small: evenly spaced checkpoints, always the last
-            idx = sorted({round(i * (len(groups) - 1) / (MAX_PANELS - 1)) for i in range(MAX_PANELS)})
-            note = (f'<p class="caption">{MAX_PANELS} of {len(groups)} checkpoints shown; the tables hold '
-                    "every checkpoint</p>")
+        most = max(1, min(MAX_PANELS, MAX_CELLS // cells)) if cells else MAX_PANELS
+        if len(groups) > most:  # keep the file small: evenly spaced checkpoints, always the last
+            idx = sorted({round(i * (len(groups) - 1) / max(most - 1, 1)) for i in range(most)} | {len(groups) - 1})
+            note = (f'<p class="caption">{len(idx)} of {len(groups)} checkpoints drawn (file size); the tables '
+                    "hold every checkpoint</p>")
             groups = [groups[i] for i in idx]
         return note + _tabs(group, [(self.ck_label(k), draw(k, rs)) for k, rs in groups])
 
@@ -436,8 +441,7 @@ class _Report:
                 for r in rs:
                     i, j = li[r["layer"]], r["head"]
                     grid[i][j] = _num(r.get(metric))
-                    tips[(i, j)] = (f"kv head {r.get('kv_head')}, z {fmt(r.get('z_score'))}, "
-                                    f"qk {fmt(r.get('qk_circuit_rel'))}, ov {fmt(r.get('ov_circuit_rel'))}")
+                    tips[(i, j)] = f"kv {r.get('kv_head')}, z {fmt(r.get('z_score'))}"
                     if r.get("severe"):
                         marked.add((i, j))
                 svg = plots.heatmap(grid, [str(x) for x in layers], heads_lab, row_title="layer", col_title="head",
@@ -446,11 +450,14 @@ class _Report:
                     out += svg
                 else:
                     out += f"<details><summary>{esc(label)}</summary>{svg}</details>"
+                if k != self.k_max:  # circuit heatmaps for the last checkpoint only (file size)
+                    break
             return out
 
         conv = self.meta.get("conventions", {})
         note = esc(conv.get("head_drift", "")) + (" — " + esc(conv["severe"]) if conv.get("severe") else "")
-        body = self.ck_tabs("heads", rows, draw)
+        n_layers = len({r["layer"] for r in rows})
+        body = self.ck_tabs("heads", rows, draw, cells=n_layers * n_heads)
         last = [r for r in rows if r["checkpoint"] == self.k_max]
         top = _top(last, "rel_drift", self.top)
         cols = [Col("layer", "layer"), Col("head", "head"), Col("kv head", "kv_head"), Col("rel_drift", "rel_drift"),
@@ -480,12 +487,12 @@ class _Report:
                 j = n_exp if (r.get("shared") or r["expert"] < 0) else r["expert"]
                 i = li[r["layer"]]
                 grid[i][j] = _num(r.get("rel_drift"))
-                tips[(i, j)] = (f"gate {fmt(r.get('gate_rel_drift'))}, up {fmt(r.get('up_rel_drift'))}, "
+                tips[(i, j)] = (f"gate {fmt(r.get('gate_rel_drift'))} up {fmt(r.get('up_rel_drift'))} "
                                 f"down {fmt(r.get('down_rel_drift'))}")
             return plots.heatmap(grid, [str(x) for x in layers], cols_lab, row_title="layer", col_title="expert",
                                  value_name="expert rel_drift", tooltips=tips, kind="heatmap experts")
 
-        body = self.ck_tabs("experts", rows, draw)
+        body = self.ck_tabs("experts", rows, draw, cells=len({r["layer"] for r in rows}) * len(cols_lab))
         layers = self.tables.get("layers", [])
         if layers and any(_num(r.get("expert_rel_drift_max")) is not None for r in layers):
             def summary(k: int, rs: List[Row]) -> str:
@@ -518,13 +525,12 @@ class _Report:
             for r in rs:
                 i, j = li[r["layer"]], r["expert"]
                 grid[i][j] = _num(r.get("rel_drift"))
-                tips[(i, j)] = (f"1-cos {fmt(r.get('one_minus_cos'))}, norm drift {fmt(r.get('norm_drift'))}, "
-                                f"centred rel {fmt(r.get('centered_rel_drift'))}")
+                tips[(i, j)] = f"1-cos {fmt(r.get('one_minus_cos'))} norm {fmt(r.get('norm_drift'))}"
             return plots.heatmap(grid, [str(x) for x in layers], [str(e) for e in range(n_exp)], row_title="layer",
                                  col_title="router row (expert)", value_name="router row rel_drift", tooltips=tips,
                                  kind="heatmap routers")
 
-        body = self.ck_tabs("routers", rows, draw)
+        body = self.ck_tabs("routers", rows, draw, cells=len({r["layer"] for r in rows}) * n_exp)
         last = [r for r in rows if r["checkpoint"] == self.k_max]
         cols = [Col("layer", "layer"), Col("expert", "expert"), Col("rel_drift", "rel_drift"),
                 Col("1 - cos", "one_minus_cos"), Col("norm drift", "norm_drift"),
@@ -786,7 +792,8 @@ class _Report:
         body += "<h3>Warnings</h3>" + ("<ul>" + "".join(f"<li>{esc(w)}</li>" for w in warns) + "</ul>" if warns else "<p>none</p>")
         if self.meta.get("structure"):
             body += ("<h3>Structure</h3><pre>"
-                     + esc(json.dumps(self.meta["structure"], indent=1, sort_keys=True, ensure_ascii=False)) + "</pre>")
+                     + esc(json.dumps(self.meta["structure"], indent=1, sort_keys=True, ensure_ascii=False), multiline=True)
+                     + "</pre>")
         return _section("provenance", "Provenance", body)
 
     def render(self) -> str:

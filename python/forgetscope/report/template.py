@@ -53,6 +53,8 @@ svg.plot { display: block; margin: 4px 0; max-width: 100%; height: auto; }
 svg.plot text { fill: #333; font-family: system-ui, sans-serif; }
 svg.plot rect.cell:hover { stroke: #000; stroke-width: 1; }
 .warn { color: #a0522d; }
+.tooltip { position: absolute; background: #222; color: #fff; padding: 3px 7px; font-size: 12px;
+           border-radius: 3px; pointer-events: none; z-index: 5; max-width: 520px; }
 """
 
 JS = """
@@ -106,6 +108,25 @@ JS = """
     buttons.forEach(function (b) { b.addEventListener('click', function () { show(b.getAttribute('data-tab')); }); });
     var active = buttons.filter(function (b) { return b.classList.contains('active'); })[0] || buttons[buttons.length - 1];
     if (active) show(active.getAttribute('data-tab'));
+  });
+  /* heatmap tooltips from the cells' data-* attributes (textContent: never parsed as HTML) */
+  var tip = document.createElement('div');
+  tip.className = 'tooltip';
+  tip.hidden = true;
+  document.body.appendChild(tip);
+  document.addEventListener('mouseover', function (ev) {
+    var t = ev.target;
+    if (!t.classList || !t.classList.contains('cell') || !t.ownerSVGElement) { tip.hidden = true; return; }
+    var s = t.ownerSVGElement, a = function (el, n) { return el.getAttribute(n) || ''; };
+    var text = a(s, 'data-row-title') + ' ' + a(t, 'data-row') + ', ' + a(s, 'data-col-title') + ' ' +
+      a(t, 'data-col') + ': ' + a(s, 'data-value-name') + ' ' + a(t, 'data-value');
+    if (t.getAttribute('data-tip')) text += '; ' + a(t, 'data-tip');
+    if (t.classList.contains('marked')) text += ' (' + a(s, 'data-mark-name') + ')';
+    tip.textContent = text;
+    tip.hidden = false;
+  });
+  document.addEventListener('mousemove', function (ev) {
+    if (!tip.hidden) { tip.style.left = (ev.pageX + 12) + 'px'; tip.style.top = (ev.pageY + 12) + 'px'; }
   });
   document.body.dataset.ready = '1';
 })();
