@@ -19,7 +19,7 @@ from .. import __version__
 from ..results import ANALYSIS_TABLES, Analysis, _ranges
 from . import plots, template
 from .provenance import provenance as _provenance
-from .plots import esc, finite, fmt
+from .plots import esc, fmt
 
 PathLike = Union[str, "os.PathLike[str]"]
 Row = Dict[str, Any]
@@ -228,10 +228,6 @@ def _table(tid: str, cols: Sequence[Col], rows: Iterable[Row], sort_col: Optiona
         more = f'<p class="caption">showing the top {len(rows)} of {total} rows (sortable; full data in the tables)</p>'
     return (f'{more}<div class="scroll"><table class="sortable" id="{esc(tid)}"{sort}><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table></div>')
-
-
-def _layer_label(v: Any) -> str:
-    return "-" if v is None or v < 0 else str(v)
 
 
 def _top(rows: List[Row], key: str, n: int, absolute: bool = False) -> List[Row]:
