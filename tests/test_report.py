@@ -31,7 +31,10 @@ EVIL = '<script>document.body.dataset.pwned="1"</script>'
 def moe(structure_case):
     """A Mixtral analysis with every weight metric and HE, along base -> ft1 -> ft2."""
     case = structure_case("mixtral")
-    a = fs.analyze(case.base, case.ft1, case.ft2, metrics=list(fs.WEIGHT_METRICS) + ["hyperspherical_energy"])
+    rng = np.random.default_rng(0)
+    hidden = {layer: rng.standard_normal((64, 32)).astype(np.float32) for layer in (0, 1)}
+    a = fs.analyze(case.base, case.ft1, case.ft2, metrics=list(fs.WEIGHT_METRICS) + ["hyperspherical_energy"],
+                   router_hidden=hidden)
     return case, a
 
 
@@ -58,14 +61,15 @@ def _computed(html: str, sid: str) -> bool:
 
 
 def test_sections_follow_the_data(moe_html, dense):
-    for sid in ("overview", "layers", "heads", "experts", "routers", "trajectory", "spectra", "subspaces", "he",
-                "tensors", "provenance"):
+    for sid in ("overview", "layers", "heads", "experts", "routers", "routing", "trajectory", "spectra", "subspaces",
+                "he", "tensors", "provenance"):
         assert _computed(moe_html, sid), sid
     assert not _computed(moe_html, "cka")  # no cka table yet
     d = render_report(dense[1])
     for sid in ("layers", "heads", "spectra", "tensors"):
         assert _computed(d, sid), sid
     assert "dense model" in _section(d, "experts") and "dense model" in _section(d, "routers")
+    assert "--router-hidden" in _section(d, "routing")
     assert "not computed" in _section(d, "he") and "not computed" in _section(d, "cka")
     # one fine-tune: no trajectory across checkpoints
     assert "at least two checkpoints" in _section(d, "trajectory")
@@ -98,7 +102,8 @@ def test_plots_carry_the_data(moe, moe_html):
     assert top in case.experts[1]
     assert re.search(r'<svg class="plot heatmap routers"', moe_html)
     # line charts: polylines with points
-    for kind in ("layer-lines", "trajectory-layers", "trajectory-tensors", "spectra-sigma1", "he-layers", "dhe-layers"):
+    assert re.search(r'<svg class="plot heatmap routing-load"', moe_html)
+    for kind in ("routing-js", "layer-lines", "trajectory-layers", "trajectory-tensors", "spectra-sigma1", "he-layers", "dhe-layers"):
         svg = re.search(rf'<svg class="plot [^"]*{kind}[^"]*".*?</svg>', moe_html, re.S)
         assert svg, kind
         assert re.search(r'<polyline [^>]*points="[\d.]+,[\d.]+ [\d.]+,[\d.]+', svg.group(0)), kind

@@ -535,6 +535,56 @@ class _Report:
                  + _table("table-routers", cols, _top(last, "rel_drift", self.top), sort_col=2, total=len(last)))
         return _section(sid, title, body, esc(self.meta.get("conventions", {}).get("router_drift", "")))
 
+    def routing(self) -> str:
+        rows = self.tables.get("routing", [])
+        sid, title = "routing", "Routing on data"
+        if not rows:
+            return _not_computed(sid, title, "no router-input hidden states were given (analyze --router-hidden)")
+        modes = sorted({r.get("mode", "") for r in rows})
+        layers = sorted({r["layer"] for r in rows})
+        by = {(r.get("mode", ""), r["layer"]): r for r in rows}
+        series = [(f"{m} ({mode})", layers, [by.get((mode, x), {}).get(m) for x in layers])
+                  for m in ("js_mean",) for mode in modes]
+        body = ("<h3>Routing divergence per MoE layer</h3>"
+                + plots.line_chart(series, x_title="layer", y_title="JS divergence (mean over tokens)",
+                                   kind="lines routing-js"))
+        series = [(f"{m} ({mode})", layers, [by.get((mode, x), {}).get(m) for x in layers])
+                  for m in ("topk_overlap", "jaccard", "top1_agreement") for mode in modes]
+        body += ("<h3>Top-k agreement per MoE layer</h3>"
+                 + plots.line_chart(series, x_title="layer", y_title="agreement", kind="lines routing-agreement",
+                                    zero_based=False))
+        # expert load change (checkpoint - base), one heatmap per mode
+        panels = []
+        for mode in modes:
+            grid, n_exp = [], 0
+            for x in layers:
+                r = by.get((mode, x), {})
+                try:
+                    lb, lc = json.loads(r.get("load_base") or "[]"), json.loads(r.get("load_ckpt") or "[]")
+                except (TypeError, ValueError):
+                    lb, lc = [], []
+                diff = [(_num(c) - _num(b)) if _num(c) is not None and _num(b) is not None else None
+                        for b, c in zip(lb, lc)]
+                grid.append(diff)
+                n_exp = max(n_exp, len(diff))
+            if n_exp:
+                grid = [g + [None] * (n_exp - len(g)) for g in grid]
+                panels.append((mode, plots.heatmap(grid, [str(x) for x in layers], [str(e) for e in range(n_exp)],
+                                                   row_title="layer", col_title="expert",
+                                                   value_name="load share change (ckpt - base)", diverging=True,
+                                                   kind="heatmap routing-load")))
+        if panels:
+            body += "<h3>Expert load change</h3>" + _tabs("routing-load", panels, active=panels[0][0])
+        cols = [Col("checkpoint", "checkpoint"), Col("layer", "layer"), Col("mode", "mode", num=False),
+                Col("tokens", "n_tokens"), Col("JS mean", "js_mean"), Col("top-k overlap", "topk_overlap"),
+                Col("Jaccard", "jaccard"), Col("top-1 agreement", "top1_agreement"),
+                Col("weight L1", "weight_l1_mean"), Col("load TV", "load_tv"),
+                Col("load entropy base", "load_entropy_base"), Col("load entropy ckpt", "load_entropy_ckpt"),
+                Col("max load ratio ckpt", "max_load_ratio_ckpt"), Col("shared gate drift", "shared_gate_drift")]
+        body += _table("table-routing", cols, rows, sort_col=4)
+        conv = "; ".join(str(v) for v in (self.a.tables["routing"].meta.get("conventions") or {}).values())
+        return _section(sid, title, body, esc(conv))
+
     def trajectory(self) -> str:
         sid, title = "trajectory", "Trajectory across checkpoints"
         if self.k_max < 2:
@@ -796,6 +846,7 @@ class _Report:
         sections = [
             ("overview", "Overview", self.overview), ("layers", "Layers", self.layers),
             ("heads", "Heads", self.heads), ("experts", "Experts", self.experts), ("routers", "Routers", self.routers),
+            ("routing", "Routing", self.routing),
             ("trajectory", "Trajectory", self.trajectory), ("spectra", "Spectra", self.spectra),
             ("subspaces", "Subspaces", self.subspaces), ("he", "HE", self.hyperspherical_energy),
             ("cka", "CKA", self.cka), ("tensors", "Tensors", self.tensors), ("provenance", "Provenance", self.provenance),
