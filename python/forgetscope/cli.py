@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0, help="seed of randomized SVD and HE sampling (default 0)")
     a.add_argument("--top", type=int, default=1, help="entries shown per layer (default 1)")
     _common_run(a, memory_default="2GiB")
+    from .report import cli as report_cli
+
+    report_cli.add_analyze_options(a)
+    report_cli.add_parser(sub)
     return p
 
 
@@ -132,10 +136,20 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         for b in bars:
             b.close()
     if args.output:
+        from .report import cli as report_cli
+
+        report_cli.after_analyze(res, args, [args.base, *args.checkpoints])
         res.save(args.output, formats=args.format or ("json", "parquet"))
+        report_cli.write_analyze_report(res, args)
     if not args.quiet:
         print(res.summary(top=args.top))
     return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import cli as report_cli
+
+    return report_cli.run(args)
 
 
 def _run_trajectory(paths: Sequence[str], args: argparse.Namespace) -> int:
@@ -238,7 +252,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
-        handler = {"demo": _cmd_demo, "inspect": _cmd_inspect, "analyze": _cmd_analyze, "trajectory": lambda a: _run_trajectory([a.base, *a.checkpoints], a)}
+        handler = {"demo": _cmd_demo, "inspect": _cmd_inspect, "analyze": _cmd_analyze, "report": _cmd_report, "trajectory": lambda a: _run_trajectory([a.base, *a.checkpoints], a)}
         return handler[args.command](args)
     except KeyboardInterrupt:
         print("forgetscope: interrupted", file=sys.stderr)
