@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     report_cli.add_analyze_options(a)
     report_cli.add_parser(sub)
+    from .check.command import add_parser as _add_check
+
+    _add_check(sub, _common_run)
     return p
 
 
@@ -252,7 +255,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
-        handler = {"demo": _cmd_demo, "inspect": _cmd_inspect, "analyze": _cmd_analyze, "report": _cmd_report, "trajectory": lambda a: _run_trajectory([a.base, *a.checkpoints], a)}
+        from .check.command import run as _cmd_check
+
+        handler = {"check": _cmd_check, "demo": _cmd_demo, "inspect": _cmd_inspect, "analyze": _cmd_analyze, "report": _cmd_report, "trajectory": lambda a: _run_trajectory([a.base, *a.checkpoints], a)}
         return handler[args.command](args)
     except KeyboardInterrupt:
         print("forgetscope: interrupted", file=sys.stderr)
