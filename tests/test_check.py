@@ -163,7 +163,14 @@ def test_planted_mixtral_experts_and_cli_exit_codes(mixtral, tmp_path, capsys):
         max = 0.01
     """)
     assert check(b1, pol).passed
-    res = check(b2, pol)   # the Parquet-only bundle
+    loaded = load_bundle(b2)   # the Parquet-only bundle reads back as the analysis it was written from
+    assert loaded.structure == a2.structure
+    for name in ("heads", "experts", "routers", "layers"):
+        got, want = loaded.tables[name].columns, a2.tables[name].columns
+        assert list(got) == list(want)
+        for col in want:
+            np.testing.assert_array_equal(np.asarray(got[col]), np.asarray(want[col]))
+    res = check(b2, pol)
     assert not res.passed and res.rules[0].offenders[0]["item"] == "layer 0 expert 0"
     assert main(["check", "--results", str(b1), "--policy", str(pol), "-q"]) == 0
     assert main(["check", "--results", str(b2), "--policy", str(pol)]) == 1
@@ -471,7 +478,8 @@ BAD_POLICIES = [
     ("[[rule]]\nname='a'\ntable='head'\nmetric='rel_drift'", "no bound"),
     ("[[rule]]\nname='a'\ntable='head'\nmetric='rel_drift'\nmax=1\n[[rule]]\nname='a'\ntable='head'\n"
      "metric='drift'\nmax=1", "already used by rule 1"),
-    ("[[rule]]\nname='a'\ntable='tensor'\nmetric='rel_delta'\nkind='atention'\nmax=1", "unknown module kind 'atention'"),
+    ("[[rule]]\nname='a'\ntable='tensor'\nmetric='rel_delta'\nkind='atention'\nmax=1",
+     "unknown module kind 'atention'"),
     ("top = -1\n[[rule]]\nname='a'\ntable='head'\nmetric='rel_drift'\nmax=1", "key 'top'"),
 ]
 
@@ -501,6 +509,15 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert main(["check", "a", "b", "--results", str(tmp_path), "--policy", str(pol)]) == 2
     assert main(["check", "a", "b"]) == 2                                        # no --policy
     assert main(["check", "--results", str(tmp_path), "--policy", str(pol), "--top", "-1"]) == 2
+
+
+def test_internal_error_exit_4(tmp_path, capsys, monkeypatch):
+    import forgetscope.check.evaluate as ev
+
+    fake(VALS).save(tmp_path / "b", formats=("json",))
+    monkeypatch.setattr(ev, "_aggregate", lambda rule, v: 1 / 0)
+    assert main(["check", "--results", str(tmp_path / "b"), "--policy", str(write(tmp_path, MIXED_POLICY))]) == 4
+    assert "internal error: ZeroDivisionError" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -766,7 +783,8 @@ def test_kill_at_any_moment_leaves_absent_or_complete_outputs(tmp_path):
 
     def argv(cand: str, out: Path) -> List[str]:
         return ["check", ck["base"], cand, "--policy", str(pol), "-q", "--threads", "1",
-                "--spectra-exact-max-dim", "0", "--results-dir", str(out / "bundle"), "--format", "parquet", "--json", str(out / "check.json"), "--markdown", str(out / "summary.md"),
+                "--spectra-exact-max-dim", "0", "--results-dir", str(out / "bundle"), "--format", "parquet",
+                "--json", str(out / "check.json"), "--markdown", str(out / "summary.md"),
                 "--junit", str(out / "junit.xml")]
 
     def start(cand: str, out: Path, marker: Path, delay: float) -> subprocess.Popen:

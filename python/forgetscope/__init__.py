@@ -15,6 +15,7 @@ from .exceptions import (
     UsageError,
 )
 from .results import Analysis, AnalysisTable, HEResults, Inspection, TrajectoryResults, load_results
+from . import check  # forgetscope.check.check(analysis_or_dir, policy): CI gates
 from .routing import (
     BiasDriftResult,
     RouterWeightDriftResult,
@@ -31,6 +32,7 @@ from .routing import (
 
 __all__ = [
     "__version__",
+    "check",
     "trajectory",
     "analyze",
     "Analysis",

@@ -41,8 +41,8 @@ def _umask() -> int:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+    if pid == os.getpid() or os.name != "posix":
+        return True  # on Windows os.kill(pid, 0) would send CTRL_C_EVENT: never probe, never clean
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

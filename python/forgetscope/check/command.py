@@ -33,7 +33,8 @@ def add_parser(sub: "argparse._SubParsersAction", common_run: Callable[..., None
     c.add_argument("base", nargs="?", help="the reference checkpoint")
     c.add_argument("candidates", nargs="*", help="the fine-tuned checkpoint(s); rules look at the last by default")
     c.add_argument("--policy", required=True, metavar="POLICY.toml", help="the rules (see examples/policy.toml)")
-    c.add_argument("--results", metavar="DIR", help="gate this 'analyze -o DIR' bundle instead of analysing checkpoints")
+    c.add_argument("--results", metavar="DIR",
+                   help="gate this 'analyze -o DIR' bundle instead of analysing checkpoints")
     c.add_argument("--results-dir", metavar="DIR",
                    help="write everything here: the analysis tables, check.json, summary.md and junit.xml")
     c.add_argument("--markdown", metavar="PATH", help="write the Markdown summary ('-' for stdout)")

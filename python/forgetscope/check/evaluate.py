@@ -30,7 +30,7 @@ import numpy as np
 from .._io import atomic_write_text
 from ..exceptions import CheckpointNotFoundError, InvalidCheckpointError
 from ..results import ANALYSIS_TABLES, Analysis, AnalysisTable, HEResults, TrajectoryResults, load_results
-from .policy import TABLES, Policy, PolicyError, Rule, load_policy, parse_policy
+from .policy import Policy, PolicyError, Rule, load_policy, parse_policy
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -397,7 +397,8 @@ def _missing_reason(rule: Rule, ctx: _Context) -> str:
                 "(check adds it when a rule needs it)")
     if spec.name == "head" and st and not st.get("n_heads"):
         why = "; ".join(st.get("warnings", [])[:2])
-        return f"no head results: the model's attention heads were not resolved (family {fam}{': ' + why if why else ''})"
+        why = f": {why}" if why else ""
+        return f"no head results: the model's attention heads were not resolved (family {fam}{why})"
     if spec.name in ("expert", "router") and st and not st.get("n_experts"):
         return f"no {spec.name} results: the model has no experts (family {fam}, dense)"
     if spec.name == "tensor":
@@ -520,8 +521,8 @@ def _evaluate(rule: Rule, ctx: _Context, allow_missing: bool, top: int) -> RuleR
         examples = ", ".join(label(int(i)) for i in idx[nan][:3])
         if rule.nan == "fail" or n_nan == idx.size:
             res.status, res.reason = "error", "nan"
-            res.offenders = [{"item": label(int(i)), "value": float("nan"), "text": f"{label(int(i))}: {metric_txt} NaN"}
-                             for i in idx[nan][:top]]
+            res.offenders = [{"item": label(int(i)), "value": float("nan"),
+                              "text": f"{label(int(i))}: {metric_txt} NaN"} for i in idx[nan][:top]]
             res.n_offenders = n_nan
             fin = values[~nan]
             if fin.size:

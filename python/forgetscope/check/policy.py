@@ -290,8 +290,8 @@ def _parse_rule(raw: Mapping[str, Any], index: int, where: str) -> Rule:
     table = _str(raw["table"], f"{ctx}key 'table'")
     canon = TABLE_ALIASES.get(table, table)
     if canon not in TABLES:
-        raise PolicyError(f"{ctx}key 'table': unknown table {table!r}{_suggest(table, list(TABLES) + list(TABLE_ALIASES))}"
-                          f"; choose from {', '.join(TABLES)}")
+        hint = _suggest(table, list(TABLES) + list(TABLE_ALIASES))
+        raise PolicyError(f"{ctx}key 'table': unknown table {table!r}{hint}; choose from {', '.join(TABLES)}")
     spec = TABLES[canon]
     metric = _str(raw["metric"], f"{ctx}key 'metric'")
     if metric not in spec.metrics:
@@ -329,7 +329,8 @@ def _parse_rule(raw: Mapping[str, Any], index: int, where: str) -> Rule:
     for key in ("tensor", "exclude", "kind", "module", "layers", "heads", "experts"):
         if key in raw and key not in allowed:
             which = sorted(k for k in allowed if k in _RULE_KEYS)
-            raise PolicyError(f"{ctx}key {key!r}: does not apply to table {canon!r} (its selectors: {', '.join(which)})")
+            raise PolicyError(f"{ctx}key {key!r}: does not apply to table {canon!r} "
+                              f"(its selectors: {', '.join(which)})")
     for key in ("tensor", "exclude", "module"):
         if key in raw:
             setattr(rule, key, tuple(_glob(g, f"{ctx}key {key!r}") for g in _str_list(raw[key], f"{ctx}key {key!r}")))
@@ -353,7 +354,8 @@ def _parse_rule(raw: Mapping[str, Any], index: int, where: str) -> Rule:
     if "where" in raw:
         w = raw["where"]
         if not isinstance(w, Mapping) or not w:
-            raise PolicyError(f"{ctx}key 'where': expected a table of column = value, e.g. where = {{ matrix = \"delta\" }}")
+            raise PolicyError(f"{ctx}key 'where': expected a table of column = value, "
+                              f"e.g. where = {{ matrix = \"delta\" }}")
         known = spec.columns + spec.metrics
         for col, val in w.items():
             if col not in known:
@@ -391,7 +393,8 @@ def _parse_agg(agg: Any, ctx: str) -> Tuple[str, str, Optional[float]]:
         raise PolicyError(f"{ctx}: unknown aggregation {agg!r}{_suggest(kind, simple + _PARAM_AGGS)}; choose from "
                           f"{', '.join(AGGREGATIONS)}")
     if not sep or not arg.strip():
-        raise PolicyError(f"{ctx}: {kind!r} needs a parameter, e.g. \"{kind}:{'0.9' if kind == 'quantile' else '0.2'}\"")
+        example = "0.9" if kind == "quantile" else "0.2"
+        raise PolicyError(f"{ctx}: {kind!r} needs a parameter, e.g. \"{kind}:{example}\"")
     try:
         x = float(arg)
     except ValueError:
@@ -494,7 +497,8 @@ def _indices(v: Any, ctx: str, key: str) -> Tuple[int, ...]:
             if item < 0 and key == "heads":
                 raise PolicyError(f"{ctx}: negative index {item} (heads are numbered from 0)")
             if item < -1 and key == "experts":
-                raise PolicyError(f"{ctx}: negative index {item} (experts are numbered from 0; -1 is the shared expert)")
+                raise PolicyError(f"{ctx}: negative index {item} "
+                                  f"(experts are numbered from 0; -1 is the shared expert)")
             out.append(item)
         elif isinstance(item, str):
             parts = item.split(",")
