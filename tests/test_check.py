@@ -50,7 +50,10 @@ def mixtral(structure_case, tmp_path_factory):
     pytest.importorskip("transformers")
     case = structure_case("mixtral")
     a1 = fs.analyze(case.base, case.ft1, metrics=list(fs.api.ALL_METRICS))
-    a2 = fs.analyze(case.base, case.ft2, metrics=list(fs.api.ALL_METRICS))
+    rng = np.random.default_rng(0)
+    hidden = {layer: rng.standard_normal((64, 32)).astype(np.float32) for layer in (0, 1)}
+    a2 = fs.analyze(case.base, case.ft2, metrics=list(fs.api.ALL_METRICS), router_hidden=hidden,
+                    router_hidden_ckpt=hidden)
     d = tmp_path_factory.mktemp("bundles")
     a1.save(d / "ft1", formats=("json",))
     a2.save(d / "ft2", formats=("parquet",))   # a Parquet-only bundle loads too
@@ -216,6 +219,8 @@ TABLE_RULES = [
     ("head", "qk_circuit_rel", {"layers": [1], "heads": "2-3"}, lambda x, k: x["layer"] == 1 and x["head"] in (2, 3)),
     ("expert", "down_rel_drift", {"experts": [2]}, lambda x, k: x["expert"] == 2),
     ("router", "one_minus_cos", {}, lambda x, k: True),
+    ("routing", "top1_agreement", {"where": {"mode": "own_hidden"}, "layers": "1"},
+     lambda x, k: x["mode"] == "own_hidden" and x["layer"] == 1),
     ("spectra", "stable_rank", {"where": {"matrix": "weight"}, "kind": "expert"},
      lambda x, k: x["matrix"] == "weight" and k[0] == "expert"),
     ("subspace", "overlap", {"where": {"side": ["left", "right"]}, "module": "w2"}, lambda x, k: k[1] == "w2"),
@@ -252,7 +257,7 @@ def test_static_metric_lists_cover_the_real_tables(mixtral):
             numeric = isinstance(v, np.ndarray) and v.dtype.kind in "fiub"
             if numeric and col not in spec.columns:
                 assert col in spec.metrics, f"{spec.name}.{col} is numeric but not a known metric"
-            elif not numeric and col not in ("sigmas", "sines"):   # list-valued columns are not metrics
+            elif not numeric and col not in ("sigmas", "sines"):   # list-valued, not metrics
                 assert col in spec.columns, f"{spec.name}.{col} unknown to the policy schema"
 
 
@@ -369,6 +374,7 @@ MISSING = [
     ({"table": "protected_subspace", "metric": "rel_protected_drift"}, ["no protected_subspace results", "LRCP"]),
     ({"table": "expert", "metric": "rel_drift"}, ["no expert results", "no experts"]),
     ({"table": "hyperspherical_energy", "metric": "delta_s1"}, ["no hyperspherical_energy results"]),
+    ({"table": "routing", "metric": "js_mean"}, ["no routing results", "--router-hidden"]),
     ({"table": "head", "metric": "rel_drift", "layers": "10-12"}, ["no heads matched"]),
     ({"table": "head", "metric": "rel_drift", "layers": [-9]}, ["no heads matched"]),
 ]

@@ -1,7 +1,7 @@
 """Policy gates for CI: ``forgetscope check BASE CANDIDATE --policy POLICY.toml``.
 
 A policy is a TOML list of rules over any analysis table (tensor, layer, head, expert, router,
-spectra, subspace, hyperspherical_energy; cka and protected_subspace once they exist), each with row
+routing, spectra, subspace, hyperspherical_energy; cka and protected_subspace once they exist), each with row
 selectors, an aggregation and a bound. :func:`check` evaluates one on an
 :class:`~forgetscope.Analysis` or an ``analyze -o DIR`` bundle; NaN and missing data never pass.
 

@@ -53,6 +53,11 @@ def add_parser(sub: "argparse._SubParsersAction", common_run: Callable[..., None
     c.add_argument("--spectra-power-iters", type=int, default=1, help="randomized-SVD power iterations (default 1)")
     c.add_argument("--spectra-exact-max-dim", type=int, default=512,
                    help="exact spectrum when min(m, n) is at most this (default 512)")
+    c.add_argument("--router-hidden", metavar="PATH",
+                   help="router-input hidden states per MoE layer (.safetensors, .npz or a directory of layer_N.npy) "
+                        "for data-dependent routing drift (the routing table)")
+    c.add_argument("--router-hidden-ckpt", metavar="PATH",
+                   help="the fine-tuned model's own hidden states for the same tokens (total routing change)")
     c.add_argument("--severe-z", type=float, default=3.0, help="robust z above which a head is severe (default 3)")
     c.add_argument("--he-max-neurons", type=int, default=4096, help="rows sampled per matrix for HE (default 4096)")
     c.add_argument("--he-half-space", action="store_true", help="sign-invariant (half-space) HE")
@@ -134,6 +139,7 @@ def _analyze(args: argparse.Namespace, policy) -> "object":
             args.base, *args.candidates, metrics=metrics, model_config=args.model_config,
             spectra_k=args.spectra_k, spectra_power_iters=args.spectra_power_iters,
             spectra_exact_max_dim=args.spectra_exact_max_dim, severe_z=args.severe_z,
+            router_hidden=args.router_hidden, router_hidden_ckpt=args.router_hidden_ckpt,
             he_max_neurons=args.he_max_neurons, he_half_space=args.he_half_space, seed=args.seed,
             threads=args.threads, memory_budget=args.memory_budget,
             allow_external_symlinks=args.allow_external_symlinks, progress=stage,

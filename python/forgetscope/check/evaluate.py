@@ -370,7 +370,10 @@ class _Context:
             return a.trajectory
         if src == "he":
             return a.he
-        return a.tables.get(src)
+        t = a.tables.get(src)
+        if t is None or len(t) == 0:
+            t = getattr(a, src, None) if src in ("cka", "protected_subspace") else t  # a future attribute
+        return t
 
     def kinds(self) -> Optional[Dict[str, Tuple[str, str]]]:
         """tensor name → (kind, component), from the trajectory (for spectra / subspace rules)."""
@@ -401,6 +404,10 @@ def _missing_reason(rule: Rule, ctx: _Context) -> str:
         return f"no head results: the model's attention heads were not resolved (family {fam}{why})"
     if spec.name in ("expert", "router") and st and not st.get("n_experts"):
         return f"no {spec.name} results: the model has no experts (family {fam}, dense)"
+    if spec.name == "routing":
+        return ("no routing results: data-dependent routing drift needs router-input hidden states "
+                "(check/analyze --router-hidden PATH)" + ("" if not st or st.get("n_experts") else
+                                                          f"; the model has no experts (family {fam})"))
     if spec.name == "tensor":
         return "no tensor results: the analysis has no per-tensor trajectory (base only?)"
     return f"no {spec.name} results: {spec.metric_id} was not computed (add it to --metrics) or the model has none " \
@@ -674,10 +681,11 @@ class _Labeler:
             e = g("expert", i)
             who = "shared expert" if (t == "expert" and (g("shared", i) or e == -1)) else f"expert {e}"
             s = f"layer {g('layer', i)} {'router row ' + str(e) if t == 'router' else who}"
-        elif t in ("layer", "cka"):
+        elif t in ("layer", "cka", "routing"):
             s = f"layer {g('layer', i)}"
-            if t == "cka" and g("site", i):
-                s += f" ({g('site', i)})"
+            extra = g("site", i) if t == "cka" else g("mode", i) if t == "routing" else None
+            if extra:
+                s += f" ({extra})"
         else:
             s = str(g("tensor", i))
             extra = g("matrix", i) if t == "spectra" else g("side", i) if t == "subspace" else None

@@ -1,8 +1,8 @@
 """Check policies: TOML rules over any analysis table, validated before anything is computed.
 
 A policy is a list of ``[[rule]]`` tables. Each rule picks one table (``tensor``, ``layer``,
-``head``, ``expert``, ``router``, ``spectra``, ``subspace``, ``hyperspherical_energy``, ``cka``,
-``protected_subspace``), one numeric column of it (``metric``), a selection of its rows (name globs,
+``head``, ``expert``, ``router``, ``routing``, ``spectra``, ``subspace``, ``hyperspherical_energy``,
+``cka``, ``protected_subspace``), one numeric column of it (``metric``), a selection of its rows (name globs,
 module kinds, layer / head / expert ranges, a checkpoint, column equalities), an aggregation and a
 bound::
 
@@ -92,6 +92,11 @@ TABLES: Dict[str, TableSpec] = {t.name: t for t in (
     TableSpec("router", "routers", "router_drift",
               ("one_minus_cos", "norm_drift", "rel_drift", "centered_one_minus_cos", "centered_rel_drift"),
               ("checkpoint", "layer", "expert"), frozenset({"layers", "experts"}), "router rows"),
+    TableSpec("routing", "routing", None,
+              ("n_tokens", "n_nonfinite", "js_mean", "js_bernoulli_mean", "topk_overlap", "jaccard", "top1_agreement",
+               "weight_l1_mean", "load_entropy_base", "load_entropy_ckpt", "load_tv", "max_load_ratio_base",
+               "max_load_ratio_ckpt", "balance_base", "balance_ckpt", "shared_gate_drift"),
+              ("checkpoint", "layer", "mode", "load_base", "load_ckpt"), frozenset({"layers"}), "routed layers"),
     TableSpec("spectra", "spectra", "spectra",
               ("m", "n", "fro", "sigma1", "stable_rank", "participation_ratio", "participation_ratio_rse",
                "erank", "erank2", "rel_sigma1"),
@@ -120,7 +125,7 @@ TABLES: Dict[str, TableSpec] = {t.name: t for t in (
 TABLE_ALIASES: Dict[str, str] = {
     "tensors": "tensor", "trajectory": "tensor", "weight_drift": "tensor", "layers": "layer", "heads": "head",
     "head_drift": "head", "experts": "expert", "expert_drift": "expert", "routers": "router",
-    "router_drift": "router", "subspaces": "subspace", "subspace_overlap": "subspace", "he": "hyperspherical_energy",
+    "router_drift": "router", "routing_drift": "routing", "subspaces": "subspace", "subspace_overlap": "subspace", "he": "hyperspherical_energy",
     "lrcp": "protected_subspace", "protected_subspaces": "protected_subspace", "linear_cka": "cka",
 }
 
