@@ -125,7 +125,8 @@ TABLES: Dict[str, TableSpec] = {t.name: t for t in (
 TABLE_ALIASES: Dict[str, str] = {
     "tensors": "tensor", "trajectory": "tensor", "weight_drift": "tensor", "layers": "layer", "heads": "head",
     "head_drift": "head", "experts": "expert", "expert_drift": "expert", "routers": "router",
-    "router_drift": "router", "routing_drift": "routing", "subspaces": "subspace", "subspace_overlap": "subspace", "he": "hyperspherical_energy",
+    "router_drift": "router", "routing_drift": "routing", "subspaces": "subspace", "subspace_overlap": "subspace",
+    "he": "hyperspherical_energy",
     "lrcp": "protected_subspace", "protected_subspaces": "protected_subspace", "linear_cka": "cka",
 }
 
