@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     report_cli.add_analyze_options(a)
     report_cli.add_parser(sub)
+    from . import outputs
+
+    outputs.add_parser(sub)
     return p
 
 
@@ -144,6 +147,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(res.summary(top=args.top))
     return EXIT_OK
+
+
+def _cmd_outputs(args: argparse.Namespace) -> int:
+    from . import outputs
+
+    return outputs.run(args)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -252,7 +261,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
-        handler = {"demo": _cmd_demo, "inspect": _cmd_inspect, "analyze": _cmd_analyze, "report": _cmd_report, "trajectory": lambda a: _run_trajectory([a.base, *a.checkpoints], a)}
+        handler = {"demo": _cmd_demo, "inspect": _cmd_inspect, "analyze": _cmd_analyze, "report": _cmd_report, "outputs": _cmd_outputs, "trajectory": lambda a: _run_trajectory([a.base, *a.checkpoints], a)}
         return handler[args.command](args)
     except KeyboardInterrupt:
         print("forgetscope: interrupted", file=sys.stderr)
