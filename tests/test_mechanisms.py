@@ -190,6 +190,48 @@ def test_along_a_trajectory_and_conflict_fraction(family_ckpt):
     assert "Gradient interference" in res.summary()
 
 
+@pytest.mark.parametrize("variant", ["qwen2", "deepseek_v3"])
+def test_head_conservation_with_biases_and_mla(family_ckpt, variant):
+    res = gradient_interference(family_ckpt(variant), TASK_A[:6], TASK_B[:6])
+    mods = {r["module"]: r for r in res.by_module().rows()}
+    attn = ("q_proj", "k_proj", "v_proj", "o_proj", "q_b_proj", "kv_b_proj")
+    assert len(res.by_head()) == 2 * 4 and not res.meta["warnings"]
+    for layer in range(2):
+        hs = [r for r in res.by_head().rows() if r["layer"] == layer]
+        names = [m for m in mods if m.startswith(f"model.layers.{layer}.self_attn.") and m.split(".")[-1] in attn]
+        if variant == "qwen2":
+            assert all("bias" in mods[m]["params"] for m in names if not m.endswith("o_proj"))
+        for key in ("dot", "sq_norm_a", "sq_norm_b"):
+            assert sum(r[key] for r in hs) == pytest.approx(sum(mods[m][key] for m in names), rel=1e-12)
+
+
+def test_token_budget_trims_exactly_and_pads():
+    from forgetscope.mechanisms._lm import iter_batches
+
+    seqs = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10], [11]]
+    bs = list(iter_batches(seqs, batch_size=2, token_budget=5))
+    assert len(bs) == 1 and bs[0].n_targets == 5
+    assert bs[0].attention_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert bs[0].labels.tolist() == [[1, 2, 3, -100, -100], [4, 5, 6, 7, -100]]  # excess target masked
+    bs = list(iter_batches(seqs, batch_size=2, token_budget=7))
+    assert [b.n_targets for b in bs] == [6, 1]
+    assert sum(b.n_targets for b in iter_batches(seqs, batch_size=3)) == 2 + 4 + 1
+    batch = {"input_ids": [[5, 6, 7, 0]], "attention_mask": [[1, 1, 1, 0]]}
+    (only,) = iter_batches([batch])
+    assert only.n_targets == 2
+
+
+def test_docstring_examples():
+    import doctest
+
+    import forgetscope.mechanisms.hessian as h
+    import forgetscope.mechanisms.similarity as s
+
+    for mod in (h, s):
+        r = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+        assert r.attempted > 0 and r.failed == 0
+
+
 def test_gradient_options_are_validated(family_ckpt):
     with pytest.raises(UsageError, match="no parameter matches"):
         gradient_interference(family_ckpt("llama"), TASK_A, TASK_B, params="nope.*")

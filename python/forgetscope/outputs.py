@@ -42,13 +42,13 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ._display import escape
 from .exceptions import UsageError
-from .mechanisms._result import ProbeResult, fmt, make_table, markdown_table
+from .mechanisms._result import ProbeResult, make_table, markdown_table
 
 __all__ = ["REFUSAL_PATTERNS", "DEFAULT_EMBEDDING_MODEL", "OutputDrift", "compare_outputs", "read_records",
            "pair_records", "normalise", "is_refusal", "resolve_embedding_model", "SentenceEmbedder",
@@ -243,7 +243,6 @@ def resolve_embedding_model(spec: Optional[str] = None) -> Tuple[Optional[str], 
     try:
         from huggingface_hub import snapshot_download
 
-        os.environ["HF_HUB_OFFLINE"] = "1"
         d = snapshot_download(repo, local_files_only=True)
         if (Path(d) / "config.json").is_file():
             return d, f"{repo} (local Hugging Face cache)"
@@ -530,6 +529,9 @@ def compare_outputs(
     sims = np.full(len(pairs), np.nan)
     if semantic:
         path, desc = resolve_embedding_model(model)
+        if path is not None and (importlib.util.find_spec("torch") is None
+                                 or importlib.util.find_spec("transformers") is None):
+            path, desc = None, "sentence embeddings need torch and transformers (pip install 'forgetscope[torch]')"
         if path is None:
             sem["reason"] = desc
         else:

@@ -39,7 +39,7 @@ import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -434,8 +434,8 @@ def _result(mrows, hrows, lrows, per_ckpt: List[Dict[str, Any]], token_budget, g
         "structure": st,
         "warnings": warnings,
         "conventions": {
-            "loss": "mean next-token NLL (natural log) over the target tokens used; gradient = Σ_batches ∇(summed "
-                    "loss) / tokens",
+            "loss": "mean next-token NLL (natural log) over the target tokens used, model in eval mode (no "
+                    "dropout); gradient = Σ_batches ∇(summed loss) / tokens",
             "cos": "⟨g_A,g_B⟩/(‖g_A‖‖g_B‖) with Σ in float64 on the CPU (torch); NaN when a gradient is zero",
             "head": "⟨·⟩_h = ⟨·⟩_{Q_h (+bias)} + ⟨·⟩_{O[:,h]} + (⟨·⟩_{K_j} + ⟨·⟩_{V_j})/g, j = ⌊h/g⌋ (GQA); MLA: "
                     "q_b rows + kv_b rows (K_nope, V) + o columns of head h; Σ_h = q/k/v/o total",

@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Unio
 import numpy as np
 
 from ..exceptions import UsageError
-from ._result import ProbeResult, fmt, make_table, markdown_table
+from ._result import ProbeResult, make_table, markdown_table
 
 __all__ = ["TraceEstimate", "EigenEstimate", "FlatnessResult", "hessian_vector_product", "hutchinson_trace",
            "top_eigenvalue", "flatness"]
@@ -445,7 +445,6 @@ def flatness(
                      "lambda_max": eig.eigenvalue, "lambda_min": eig.min_eigenvalue,
                      "eig_iterations": eig.iterations, "eig_converged": bool(eig.converged),
                      "eig_residual": eig.residual, "sharpness": sharp, "adaptive_sharpness": asharp})
-        del model
     r0 = rows[0]
     for r in rows:
         r["delta_loss"] = r["loss"] - r0["loss"]
