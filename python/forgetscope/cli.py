@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .check.command import add_parser as _add_check
 
     _add_check(sub, _common_run)
+    from . import outputs
+
+    outputs.add_parser(sub)
     return p
 
 
@@ -147,6 +150,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(res.summary(top=args.top))
     return EXIT_OK
+
+
+def _cmd_outputs(args: argparse.Namespace) -> int:
+    from . import outputs
+
+    return outputs.run(args)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -257,7 +266,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return EXIT_USAGE
         from .check.command import run as _cmd_check
 
-        handler = {"check": _cmd_check, "demo": _cmd_demo, "inspect": _cmd_inspect, "analyze": _cmd_analyze, "report": _cmd_report, "trajectory": lambda a: _run_trajectory([a.base, *a.checkpoints], a)}
+        handler = {"check": _cmd_check, "demo": _cmd_demo, "inspect": _cmd_inspect, "analyze": _cmd_analyze,
+                   "report": _cmd_report, "outputs": _cmd_outputs,
+                   "trajectory": lambda a: _run_trajectory([a.base, *a.checkpoints], a)}
         return handler[args.command](args)
     except KeyboardInterrupt:
         print("forgetscope: interrupted", file=sys.stderr)
