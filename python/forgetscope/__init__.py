@@ -5,6 +5,7 @@ core and reports how every tensor moved. This module never imports torch.
 """
 
 from ._core import __version__
+from . import cl
 from .api import WEIGHT_METRICS, analyze, inspect, parse_size, read_tensor, structure, trajectory
 from .exceptions import (
     CheckpointNotFoundError,
@@ -33,6 +34,7 @@ from .routing import (
 __all__ = [
     "__version__",
     "check",
+    "cl",
     "trajectory",
     "analyze",
     "Analysis",
