@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import outputs
 
     outputs.add_parser(sub)
+    from .lrcp import cli as lrcp_cli
+
+    lrcp_cli.add_parser(sub)
     return p
 
 
@@ -162,6 +165,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .report import cli as report_cli
 
     return report_cli.run(args)
+
+
+def _cmd_lrcp(args: argparse.Namespace) -> int:
+    from .lrcp import cli as lrcp_cli
+
+    return lrcp_cli.run(args)
 
 
 def _run_trajectory(paths: Sequence[str], args: argparse.Namespace) -> int:
@@ -267,7 +276,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .check.command import run as _cmd_check
 
         handler = {"check": _cmd_check, "demo": _cmd_demo, "inspect": _cmd_inspect, "analyze": _cmd_analyze,
-                   "report": _cmd_report, "outputs": _cmd_outputs,
+                   "report": _cmd_report, "outputs": _cmd_outputs, "lrcp": _cmd_lrcp,
                    "trajectory": lambda a: _run_trajectory([a.base, *a.checkpoints], a)}
         return handler[args.command](args)
     except KeyboardInterrupt:

@@ -520,10 +520,11 @@ def protected_drift(artefact: Union[PathLike, ProtectedSubspaces], base_ckpt: Pa
     cols: Dict[str, list] = {k: [] for k in ("site", "tensor", "expert", "rows", "cols", "dim", "rank", "delta_norm",
                                              "protected_norm", "ratio", "random_ratio", "rel_delta", "status")}
 
-    def row(site: Site, tensor: str, t: Target, dn: float, pn: float, rel: float, status: str) -> None:
+    def row(site: Site, tensor: str, t: Target, dn: float, pn: float, rel: float, status: str,
+            expert: Optional[int] = None) -> None:
         cols["site"].append(site.name)
         cols["tensor"].append(tensor)
-        cols["expert"].append(-1 if t.expert is None else int(t.expert))
+        cols["expert"].append(-1 if expert is None else int(expert))
         cols["rows"].append(_fmt_span(t.rows))
         cols["cols"].append(_fmt_span(t.cols))
         cols["dim"].append(site.dim)
@@ -540,28 +541,29 @@ def protected_drift(artefact: Union[PathLike, ProtectedSubspaces], base_ckpt: Pa
         for t in site.targets:
             pairs = b.resolve(t)
             if not pairs:
-                row(site, _disk_name(t.param), t, math.nan, math.nan, math.nan, "missing in base")
+                row(site, _disk_name(t.param), t, math.nan, math.nan, math.nan, "missing in base", t.expert)
                 continue
             fpairs = f.resolve(t)
             if len(fpairs) != len(pairs):
-                row(site, pairs[0][0], t, math.nan, math.nan, math.nan, "missing in fine-tune")
+                row(site, pairs[0][0], t, math.nan, math.nan, math.nan, "missing in fine-tune", t.expert)
                 continue
             for (name, tv), (fname, ftv) in zip(pairs, fpairs):
                 try:
                     w0 = tv.view(b.read(name)).astype(np.float64)
                     wt = ftv.view(f.read(fname)).astype(np.float64)
                 except (IndexError, ValueError) as e:
-                    row(site, name, tv, math.nan, math.nan, math.nan, f"bad slice: {e}")
+                    row(site, name, tv, math.nan, math.nan, math.nan, f"bad slice: {e}", t.expert)
                     continue
                 if w0.shape != wt.shape or w0.ndim != 2 or w0.shape[1] != site.dim:
                     row(site, name, tv, math.nan, math.nan, math.nan,
-                        f"shape {list(w0.shape)} / {list(wt.shape)} does not match the site's dimension {site.dim}")
+                        f"shape {list(w0.shape)} / {list(wt.shape)} does not match the site's dimension {site.dim}",
+                        t.expert)
                     continue
                 d = wt - w0
                 dn = float(np.linalg.norm(d))
                 pn = float(np.linalg.norm(d @ U)) if site.rank else 0.0
                 n0 = float(np.linalg.norm(w0))
-                row(site, name, tv, dn, pn, dn / n0 if n0 > 0 else math.nan, "ok")
+                row(site, name, tv, dn, pn, dn / n0 if n0 > 0 else math.nan, "ok", t.expert)
     arrays = {k: (np.asarray(v, dtype=np.float64) if k in ("delta_norm", "protected_norm", "ratio", "random_ratio",
                                                            "rel_delta")
                   else np.asarray(v, dtype=np.int64) if k in ("expert", "dim", "rank") else v)
