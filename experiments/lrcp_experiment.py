@@ -94,7 +94,8 @@ def setup_method(method: str, model: nn.Module, *, seed: int, subs_act: Any, sub
                  lora_r: int = 8) -> Tuple[torch.optim.Optimizer, Optional[Any]]:
     torch.manual_seed(seed + 1000)  # LoRA init / HFT mask: seeded, identical across methods that share them
     if method in LORA:
-        L.apply_lora(model, lora_targets, r=lora_r, alpha=2 * lora_r, init="milora" if method == "milora" else "default")
+        init = "milora" if method == "milora" else "default"
+        L.apply_lora(model, lora_targets, r=lora_r, alpha=2 * lora_r, init=init)
         lr = lr_lora
     else:
         if method == "hft":
@@ -451,9 +452,11 @@ def _finite(x: Any) -> Any:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["minilm", "moe", "both"], default="both")
-    p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated subset of " + ",".join(ALL_METHODS))
+    p.add_argument("--methods", default=",".join(ALL_METHODS),
+                   help="comma-separated subset of " + ",".join(ALL_METHODS))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--energy", type=float, default=0.95, help="LRCP / OSF energy threshold ε (default 0.95)")
     p.add_argument("--k-max-frac", type=float, default=0.5, help="cap on k / d (default 0.5)")
@@ -469,7 +472,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--moe-lr", type=float, default=3e-3, help="full-FT learning rate (LoRA: 3x)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, few steps (~3 min)")
-    p.add_argument("-o", "--output", default=None, help="results prefix (default experiments/results/lrcp_{full,smoke})")
+    p.add_argument("-o", "--output", default=None,
+                   help="results prefix (default experiments/results/lrcp_{full,smoke})")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in ALL_METHODS]

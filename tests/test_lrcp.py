@@ -651,3 +651,14 @@ def test_end_to_end_lrcp_forgets_less_than_plain_fine_tuning():
     assert a_plain > anc0 + 0.3  # plain fine-tuning forgets the ancestral chain
     assert a_lrcp < a_plain - 0.1  # LRCP forgets less ...
     assert b_lrcp < new0 - 1.0 and b_plain < new0 - 1.0  # ... while both learn the new chain
+
+
+def test_docstring_examples():
+    import doctest
+
+    import forgetscope.lrcp.select
+    import forgetscope.lrcp.subspace
+
+    for mod in (forgetscope.lrcp.subspace, forgetscope.lrcp.select):
+        res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+        assert res.attempted > 0 and res.failed == 0

@@ -13,7 +13,7 @@ evaluate future tasks (NaN above the diagonal) still gets ACC, BWT and forgettin
 | forgetting | f_j^k = max_{l<k} R[l, j] − R[k, j]; F_k = mean_{j<k} f_j^k | Chaudhry et al. 2018 |
 | Avalanche forgetting | R[j, j] − R[k, j] (no max); Avalanche BWT = −forgetting | Avalanche ``forgetting_bwt.py`` |
 | Avalanche FWT | R[j−1, j] − score at init (= GEM FWT with b = init scores) | Avalanche ``forward_transfer.py`` |
-| min-ACC | mean over previous tasks of the minimum score over the evaluation iterations after the task | De Lange et al. ICLR 2023 |
+| min-ACC | mean over previous tasks of their minimum score over later evaluation iterations | De Lange et al. 2023 |
 | WC-ACC | (1/k)·current + (1 − 1/k)·min-ACC | same |
 | WF / WP | max over windows of size w of max_{a<b}(A_a − A_b) (WP: A_b − A_a) | same |
 | M | 100·Σ_j(A_m − A_b)/Σ_j(A_0 − A_b) over benchmarks with positive baseline loss | ours (§6) |

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ..exceptions import UsageError
-from .subspace import ProtectedSubspaces, Site, Target, k_max_for, sphere_subspace, subspace_from_covariance, svd_subspace
+from .subspace import (ProtectedSubspaces, Site, Target, sphere_subspace, subspace_from_covariance,
+                       svd_subspace)
 
 #: Modules never protected by default (heads and embeddings: outside the residual circuits).
 DEFAULT_EXCLUDE = (r"(^|\.)(lm_head|embed_out|classifier|score|pooler|cls|qa_outputs)(\.|$)", r"(^|\.)lora_")
@@ -362,7 +363,8 @@ class CovarianceCapture:
             C = acc.C.cpu().numpy() / max(acc.n, 1)
             for h in range(H):
                 t = Target(param=leader + ".weight", layer=layer_of(leader), kind="o", cols=(h * dh, (h + 1) * dh))
-                out[f"{leader}[head={h}]"] = (C[h], acc.n, [t], {"layer": layer_of(leader), "kind": "o_head", "head": h})
+                info = {"layer": layer_of(leader), "kind": "o_head", "head": h}
+                out[f"{leader}[head={h}]"] = (C[h], acc.n, [t], info)
         for name, st in self._experts.items():
             for e in range(st["E"]):
                 for part, accs in (("gate_up_proj", st["gu"]), ("down_proj", st["down"])):

@@ -52,7 +52,8 @@ def add_parser(sub: Any) -> None:
     """Register ``lrcp`` and its subcommands on the top-level subparsers."""
     p = sub.add_parser("lrcp", help="LRCP: build protected subspaces for fine-tuning, verify a fine-tune against them")
     ls = p.add_subparsers(dest="lrcp_command", metavar="SUBCOMMAND", parser_class=type(p))
-    f = ls.add_parser("fit-subspace", help="capture ancestral activations of a checkpoint and write protected subspaces")
+    f = ls.add_parser("fit-subspace",
+                      help="capture ancestral activations of a checkpoint and write protected subspaces")
     f.add_argument("checkpoint", help="the ancestral checkpoint (a transformers model directory)")
     f.add_argument("--probe", default="default",
                    help="probe data: 'default', a .txt (one text per line), .jsonl ('text' or 'input_ids' per line), "

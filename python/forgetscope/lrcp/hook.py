@@ -97,13 +97,12 @@ def _lora_adapters(mod: Optional[nn.Module]) -> List[Tuple[nn.Parameter, nn.Para
 
 
 def _innermost(opt: Any) -> torch.optim.Optimizer:
-    seen = 0
-    while not isinstance(opt, torch.optim.Optimizer) or (hasattr(opt, "optimizer") and
-                                                          isinstance(opt.optimizer, torch.optim.Optimizer)):
-        nxt = getattr(opt, "optimizer", None)
-        if nxt is None or seen > 8:
+    """The optimizer whose ``step`` runs the update (accelerate and friends wrap it as ``.optimizer``)."""
+    for _ in range(8):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
             break
-        opt, seen = nxt, seen + 1
+        opt = inner
     if not isinstance(opt, torch.optim.Optimizer):
         raise UsageError(f"LRCP needs a torch.optim.Optimizer (got {type(opt).__name__})")
     return opt

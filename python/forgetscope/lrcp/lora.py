@@ -70,8 +70,11 @@ class LoRALinear(nn.Module):
         return out
 
 
-def apply_lora(model: nn.Module, targets: Sequence[str] = (r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$",),
-               *, r: int = 8, alpha: float = 16.0, init: str = "default", freeze_rest: bool = True) -> List[str]:
+DEFAULT_TARGETS = (r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$",)
+
+
+def apply_lora(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS, *, r: int = 8, alpha: float = 16.0,
+               init: str = "default", freeze_rest: bool = True) -> List[str]:
     """Wrap every ``nn.Linear`` whose name matches one of ``targets`` (regexes) in :class:`LoRALinear`;
     freeze every other parameter. Returns the wrapped module names."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(re.search(t, n) for t in targets)]

@@ -169,7 +169,8 @@ def k_max_for(dim: int, k_max_frac: float) -> int:
     return max(1, int(math.floor(k_max_frac * dim + 1e-9)))
 
 
-def subspace_from_covariance(C: Any, energy: float = 0.97, k_max_frac: float = 0.5) -> Tuple[np.ndarray, np.ndarray, int]:
+def subspace_from_covariance(C: Any, energy: float = 0.97,
+                             k_max_frac: float = 0.5) -> Tuple[np.ndarray, np.ndarray, int]:
     """``(U [d, k], eigenvalues [d] descending, k_max)`` of a (symmetric PSD) covariance.
 
     >>> U, ev, _ = subspace_from_covariance(np.diag([9.0, 1.0, 0.0]), energy=0.9, k_max_frac=1.0)
@@ -194,7 +195,7 @@ def svd_subspace(w: Any, energy: float = 0.97, k_max_frac: float = 0.5) -> Tuple
     """Data-free: top right singular vectors of W_0 ([out, in]), rank by the energy of σ² (MiLoRA/PiSSA
     split; OSF-style frozen principal directions). Returns ``(U [in, k], σ² descending, k_max)``."""
     a = np.asarray(w, dtype=np.float64)
-    _, s, vt = np.linalg.svd(a, full_matrices=True)
+    _, s, vt = np.linalg.svd(a, full_matrices=False)  # k ≤ rank ≤ min(out, in): the thin SVD is enough
     lam = np.zeros(a.shape[1])
     lam[: s.size] = s**2
     km = k_max_for(a.shape[1], k_max_frac)
@@ -251,7 +252,8 @@ class ProtectedSubspaces:
         ks = sum(s.rank for s in self)
         capped = sum(s.capped for s in self)
         line = (f"{len(self)} protected sites, {n_t} target views; sum k / sum d = {ks}/{dims}"
-                f" ({(ks / dims if dims else 0):.2f}); energy {self.meta.get('energy')}, source {self.meta.get('source')}")
+                f" ({(ks / dims if dims else 0):.2f}); energy {self.meta.get('energy')}, "
+                f"source {self.meta.get('source')}")
         if capped:
             line += f"; {capped} site(s) hit k_max (plasticity budget exhausted there)"
         return line
@@ -285,7 +287,8 @@ class ProtectedSubspaces:
                 out[name] = t
                 continue
             if s.covariance is None or t.covariance is None:
-                raise UsageError(f"site {name}: accumulating tasks needs both covariances (fit with keep_covariance=True)")
+                raise UsageError(f"site {name}: accumulating tasks needs both covariances "
+                                 "(fit with keep_covariance=True)")
             if s.dim != t.dim:
                 raise UsageError(f"site {name}: dimension {s.dim} vs {t.dim}")
             C = s.covariance + t.covariance
@@ -443,7 +446,7 @@ class _Checkpoint:
     """Tensor lookup in one checkpoint by name, or by (layer, expert, role) for fused/renamed experts."""
 
     def __init__(self, path: PathLike) -> None:
-        from ..api import inspect, structure
+        from ..api import inspect
 
         self.path = os.fspath(path)
         self.names = set(inspect(self.path).columns["name"])
