@@ -141,7 +141,7 @@ def energy_rank(eigenvalues: Any, energy: float, k_max: Optional[int] = None) ->
     ``eigenvalues`` in any order (negative round-off is clipped to 0); ``energy`` in [0, 1]; 0 when
     every eigenvalue is 0 (nothing to protect) or ``energy`` is 0.
 
-    >>> energy_rank([4.0, 3.0, 2.0, 1.0], 0.7)
+    >>> energy_rank([4.0, 3.0, 2.0, 1.0], 0.75)
     3
     >>> energy_rank([4.0, 3.0, 2.0, 1.0], 1.0, k_max=2)
     2
