@@ -93,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--he-half-space", action="store_true", help="sign-invariant (half-space) HE")
     a.add_argument("--seed", type=int, default=0, help="seed of randomized SVD and HE sampling (default 0)")
     a.add_argument("--top", type=int, default=1, help="entries shown per layer (default 1)")
+    a.add_argument("--probe", default=None, metavar="default|FILE",
+                   help="also run the models on probe texts (needs forgetscope[torch]): CKA, collapse, attention "
+                        "entropy, routing drift; 'default' = the built-in set, or a .txt/.jsonl file")
+    a.add_argument("--probe-max-tokens", type=int, default=128, help="tokens kept per probe text (default 128)")
+    a.add_argument("--probe-texts", type=int, default=None, help="use the first N probe texts (default all)")
+    a.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="device for --probe (default: cuda when available)")
     _common_run(a, memory_default="2GiB")
     from .report import cli as report_cli
 
@@ -144,6 +151,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     finally:
         for b in bars:
             b.close()
+    if args.probe is not None:
+        from .capture._cli import add_capture
+
+        add_capture(res, args)
     if args.output:
         from .report import cli as report_cli
 
@@ -152,6 +163,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         report_cli.write_analyze_report(res, args)
     if not args.quiet:
         print(res.summary(top=args.top))
+        if args.probe is not None:
+            from .capture import summary as capture_summary
+
+            print(capture_summary(res, top=max(args.top, 3)))
     return EXIT_OK
 
 

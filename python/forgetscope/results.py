@@ -355,7 +355,9 @@ class AnalysisTable(_Table):
 
 
 #: Table names of an analysis, in report order.
-ANALYSIS_TABLES = ("heads", "experts", "routers", "layers", "spectra", "subspaces", "routing")
+ANALYSIS_TABLES = ("heads", "experts", "routers", "layers", "spectra", "subspaces", "routing",
+                   # activation capture (forgetscope.capture, --probe; needs the torch extra)
+                   "cka", "collapse", "attention_entropy")
 
 
 class Analysis:
