@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -222,6 +221,38 @@ def test_entropy_kernel_blocks_and_uniform():
     expect = sum(math.log(i + 1) for i in range(1, 9))
     np.testing.assert_allclose(z[0].numpy(), expect, rtol=1e-6)
     np.testing.assert_allclose(z[1].numpy() / z[3].numpy(), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("form", ["bool", "float_min", "float_inf"])
+def test_entropy_kernel_masks_and_sinks_against_softmax(form):
+    """Causal + sliding window + padding masks in every form, with sinks, in tiny blocks, against a
+    float64 softmax over keys + sink."""
+    g = torch.Generator().manual_seed(1)
+    b, h, hk, t, d = 2, 4, 2, 23, 8
+    q, k = torch.randn(b, h, t, d, generator=g), torch.randn(b, hk, t, d, generator=g)
+    sinks = torch.randn(h, generator=g)
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    allowed = ((j <= i) & (j > i - 6))[None, None].expand(b, 1, t, t).clone()
+    allowed[1, :, :, 17:] = False
+    valid = torch.ones(b, t, dtype=torch.bool)
+    valid[1, 17:] = False
+    mask = {"bool": allowed,
+            "float_min": torch.zeros(b, 1, t, t).masked_fill(~allowed, torch.finfo(torch.float32).min),
+            "float_inf": torch.zeros(b, 1, t, t).masked_fill(~allowed, -math.inf)}[form]
+    got = head_entropy_stats(q, k, mask, 0.3, valid, sinks=sinks, block_elems=40, k_block=3)
+    kk = k.repeat_interleave(h // hk, dim=1).double()
+    sc = (q.double() @ kk.transpose(-1, -2)) * 0.3
+    sc = sc.masked_fill(~allowed, -math.inf)
+    full = torch.cat([sc, sinks.double().reshape(1, h, 1, 1).expand(b, h, t, 1)], -1)
+    p = torch.softmax(full, -1)
+    ent = -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(-1)        # [B, H, T]
+    ok = (allowed.sum(-1) >= 2) & valid[:, None, :]
+    ok = ok.expand(b, h, t)
+    ref_h = torch.where(ok, ent, 0).sum((0, 2))
+    ref_sink = torch.where(ok, p[..., -1], 0).sum((0, 2))
+    np.testing.assert_allclose(got[0].numpy(), ref_h.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(got[2].numpy(), ref_sink.numpy(), rtol=1e-5)
+    np.testing.assert_array_equal(got[3].numpy(), ok.sum((0, 2)).numpy())
 
 
 def _router_output(variant, out):
@@ -484,3 +515,12 @@ def test_cli_analyze_with_probe(planted, cli, tmp_path):
     assert meta["capture"]["tokenizer"]["kind"] == "bytes_mod_vocab"
     r = cli(["analyze", base, "--probe", "default", "--metrics", "hyperspherical_energy"])
     assert r.returncode == 2 and "--probe needs" in r.stderr
+
+
+def test_probe_docstring_examples():
+    import doctest
+
+    import forgetscope.capture.probe as mod
+
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

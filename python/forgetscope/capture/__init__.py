@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .probes import DEFAULT_PROBE, ProbeSet, default_probe_path, load_probe
+from .probe import DEFAULT_PROBE, ProbeSet, default_probe_path, load_probe
 
 __all__ = ["compare", "summary", "load_probe", "ProbeSet", "DEFAULT_PROBE", "default_probe_path", "METRICS"]
 

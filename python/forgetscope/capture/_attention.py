@@ -83,8 +83,12 @@ def head_entropy_stats(
         raise ValueError(f"{h} query heads are not a multiple of {hk} key heads")
     g = h // hk
     dev = query.device
+    neg = torch.finfo(torch.float32).min
     q = query.detach().float().reshape(b, hk, g, tq, d)
     k = key.detach().float().unsqueeze(2)  # [B, Hk, 1, Tk, d]
+    # One float32 additive mask with finite entries (masked = float32 min): masked scores then
+    # underflow to probability 0 without any inf, so no where() over the score tensor is needed.
+    add: Optional[torch.Tensor] = None
     if mask is not None:
         mask = mask[..., :tk]
         if mask.dim() == 2:
@@ -94,6 +98,12 @@ def head_entropy_stats(
         mh = mask.shape[1]
         if mh not in (1, h):
             raise ValueError(f"attention mask has {mh} heads, expected 1 or {h}")
+        if mask.dtype == torch.bool:
+            add = torch.zeros(mask.shape, device=dev).masked_fill_(~mask, neg)
+        else:
+            add = mask.float().clamp(min=neg)
+            add = add.masked_fill(mask <= torch.finfo(mask.dtype).min / 2, neg)
+        add = add.unsqueeze(2) if mh == 1 else add.reshape(add.shape[0], hk, g, tq, tk)
     if valid_q is None:
         valid_q = torch.ones(b, tq, dtype=torch.bool, device=dev)
     kb = max(1, min(k_block, tk))
@@ -104,63 +114,61 @@ def head_entropy_stats(
         qe = min(tq, qs + qb)
         nq = qe - qs
         qblk = q[:, :, :, qs:qe]
-        m = torch.full((b, hk, g, nq), -math.inf, device=dev)
+        m = torch.full((b, hk, g, nq), neg, device=dev)
         ell = torch.zeros((b, hk, g, nq), device=dev)
         t = torch.zeros((b, hk, g, nq), device=dev)
-        cnt = torch.zeros((b, hk, g, nq), device=dev)
+        cnt = torch.zeros((1, 1, 1, nq), device=dev)
         for ks in range(0, tk, kb):
             ke = min(tk, ks + kb)
-            s = torch.matmul(qblk, k[:, :, :, ks:ke].transpose(-1, -2)) * scaling  # [B, Hk, g, nq, nk]
+            s = torch.matmul(qblk, k[:, :, :, ks:ke].transpose(-1, -2))  # [B, Hk, g, nq, nk]
+            s.mul_(scaling)
             if softcap is not None:
-                s = torch.tanh(s / softcap) * softcap
-            if mask is not None:
-                mb = mask[:, :, qs:qe, ks:ke]
-                if mb.shape[1] == 1:
-                    mb = mb.unsqueeze(2)  # [Bm, 1, 1, nq, nk]
-                else:
-                    mb = mb.reshape(mb.shape[0], hk, g, nq, ke - ks)
-                if mb.dtype == torch.bool:
-                    s = s.masked_fill(~mb, -math.inf)
-                else:
-                    allowed = mb > torch.finfo(mb.dtype).min / 2
-                    s = torch.where(allowed, s + mb.float(), torch.full_like(s, -math.inf))
+                s.div_(softcap).tanh_().mul_(softcap)
+            if add is not None:
+                ab = add[..., qs:qe, ks:ke]
+                s.add_(ab)
+                cnt = cnt + (ab > neg / 2).sum(-1)
             elif causal_if_no_mask:
                 qi = torch.arange(qs, qe, device=dev)[:, None] + (tk - tq)
                 kj = torch.arange(ks, ke, device=dev)[None, :]
-                s = s.masked_fill(kj > qi, -math.inf)
-            fin = torch.isfinite(s)
+                ab = torch.zeros(nq, ke - ks, device=dev).masked_fill_(kj > qi, neg)
+                s.add_(ab)
+                cnt = cnt + (ab > neg / 2).sum(-1)
+            else:
+                cnt = cnt + (ke - ks)
             m_new = torch.maximum(m, s.amax(-1))
-            ref = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-            alpha = torch.exp(m - ref)
-            x = torch.where(fin, s - ref.unsqueeze(-1), torch.zeros_like(s))
-            e = torch.where(fin, torch.exp(x), torch.zeros_like(s))
-            shift = torch.where(ell > 0, ell * (m - ref), torch.zeros_like(ell))
-            t = alpha * (t + shift) + (e * x).sum(-1)
-            ell = alpha * ell + e.sum(-1)
+            s.sub_(m_new.unsqueeze(-1))          # x - m'
+            e = torch.exp(s)
+            esum = e.sum(-1)
+            xsum = e.mul_(s).sum(-1)             # Σ e^{x−m'}(x − m')
+            alpha = torch.exp(m - m_new)
+            carried = alpha * ell                # 0 when the old max was a masked value
+            t = alpha * t + carried * (m - m_new) + xsum
+            ell = carried + esum
             m = m_new
-            cnt = cnt + fin.sum(-1)
         n_elems = cnt
         sink_p = torch.zeros_like(ell)
         if sink_v is not None:
             sv = sink_v.expand_as(m)
             m_new = torch.maximum(m, sv)
             alpha = torch.exp(m - m_new)
-            shift = torch.where(ell > 0, ell * (m - m_new), torch.zeros_like(ell))
+            carried = alpha * ell
             es = torch.exp(sv - m_new)
-            t = alpha * (t + shift) + es * (sv - m_new)
-            ell = alpha * ell + es
+            t = alpha * t + carried * (m - m_new) + es * (sv - m_new)
+            ell = carried + es
             m = m_new
             sink_p = es / ell
             n_elems = cnt + 1
         ent = torch.log(ell) - t / ell
         ok = (cnt >= 2) & valid_q[:, qs:qe].reshape(b, 1, 1, nq)
+        okf = ok.expand_as(ent)
         zero = torch.zeros_like(ent)
         norm = ent / torch.log(torch.clamp(n_elems, min=2.0))
         sums = torch.stack([
-            torch.where(ok, ent, zero).double().sum((0, 3)),
-            torch.where(ok, norm, zero).double().sum((0, 3)),
-            torch.where(ok, sink_p, zero).double().sum((0, 3)),
-            ok.double().expand_as(ent).sum((0, 3)),
+            torch.where(okf, ent, zero).double().sum((0, 3)),
+            torch.where(okf, norm, zero).double().sum((0, 3)),
+            torch.where(okf, sink_p, zero).double().sum((0, 3)),
+            okf.double().sum((0, 3)),
         ])  # [4, Hk, g]
         out += sums.reshape(4, h)
     return out
@@ -228,18 +236,30 @@ def capture_attention_forward(module, query, key, value, attention_mask, scaling
     return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
+def _tf_version() -> str:
+    try:
+        import transformers
+
+        return transformers.__version__
+    except ImportError:  # pragma: no cover
+        return "?"
+
+
 def register() -> None:
     """Register ``forgetscope_capture`` with transformers (attention function + eager-style mask)."""
     global _registered
     with _lock:
         if _registered:
             return
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask
+        try:
+            from transformers import AttentionInterface
+            from transformers.masking_utils import AttentionMaskInterface, eager_mask
+        except ImportError as e:
+            raise RuntimeError(f"transformers {_tf_version()} has no AttentionInterface / masking_utils "
+                               f"(attention entropy needs transformers >= 5): {e}") from None
 
         AttentionInterface.register(ATTN_IMPLEMENTATION, capture_attention_forward)
         AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
-        assert ATTN_IMPLEMENTATION in ALL_MASK_ATTENTION_FUNCTIONS
         _registered = True
 
 
@@ -254,7 +274,10 @@ def _configs(model: Any):
 
 def install(model: Any) -> Optional[str]:
     """Switch ``model`` to the capturing attention; returns None, or why it could not."""
-    register()
+    try:
+        register()
+    except RuntimeError as e:
+        return str(e)
     for cfg in _configs(model):
         impl = cfg._attn_implementation
         if impl != ATTN_IMPLEMENTATION:

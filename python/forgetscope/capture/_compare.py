@@ -12,7 +12,6 @@ accumulators and dropped.
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
 import time
@@ -31,7 +30,7 @@ from ..results import Analysis, AnalysisTable
 from ..routing import route_tokens, routing_drift, routing_rule
 from . import _attention as attn
 from . import _models as M
-from .probes import ProbeSet, ProbeSpec, load_probe
+from .probe import ProbeSpec, load_probe
 
 METRICS = ("cka", "collapse", "attention_entropy", "routing")
 
@@ -199,7 +198,12 @@ def _forward(side: _Side, ids: torch.Tensor, am: torch.Tensor, *, entropy: bool,
     attn.set_active(rec)
     try:
         with torch.no_grad():
-            out = side.model(input_ids=ids, attention_mask=am, output_hidden_states=True, use_cache=False)
+            try:
+                out = side.model(input_ids=ids, attention_mask=am, output_hidden_states=True, use_cache=False)
+            except TypeError as e:  # a model whose forward takes no use_cache
+                if "use_cache" not in str(e):
+                    raise
+                out = side.model(input_ids=ids, attention_mask=am, output_hidden_states=True)
     finally:
         attn.set_active(None)
         for h in handles:
@@ -231,9 +235,7 @@ class _TokenBar(ProgressBar):
     def update(self, done: int, total: int, stage: str) -> None:
         if not self.enabled:
             return
-        import time as _t
-
-        elapsed = max(_t.monotonic() - self.start, 1e-9)
+        elapsed = max(time.monotonic() - self.start, 1e-9)
         frac = done / total if total else 0.0
         rate = done / elapsed
         eta = (total - done) / rate if rate > 0 else float("nan")
@@ -350,7 +352,9 @@ def compare(
     dt = M.pick_dtype(dtype, dev)
     notes: List[str] = []
 
+    t_load = time.monotonic()
     base_model, base_desc = M.load_model(base, device=dev, dtype=dt)
+    load_seconds = time.monotonic() - t_load
     if isinstance(base, torch.nn.Module):
         p = next(base_model.parameters(), None)
         dev = p.device if p is not None else dev
@@ -398,7 +402,9 @@ def compare(
     ckpt_descs: List[str] = []
     try:
         for ci, ck in enumerate(checkpoints, 1):
+            t_load = time.monotonic()
             ft_model, ft_desc = M.load_model(ck, device=dev, dtype=dt)
+            load_seconds += time.monotonic() - t_load
             ckpt_descs.append(ft_desc)
             ft_side = _setup_side(ft_model, ft_desc, want_entropy, rule, notes)
             try:
@@ -544,7 +550,9 @@ def compare(
         "token_budget": budget,
         "passes": n_passes_total,
         "seconds": seconds,
-        "tokens_per_s": (done_tokens / seconds) if seconds > 0 else None,
+        "load_seconds": load_seconds,
+        #: probe tokens per second of everything but model loading (each token runs through both models)
+        "tokens_per_s": (done_tokens / (seconds - load_seconds)) if seconds > load_seconds else None,
         "routing_rule": rule,
         "notes": notes,
         "conventions": dict(CONVENTIONS),
