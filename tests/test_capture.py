@@ -386,6 +386,46 @@ def test_routing_accumulator_merges_exactly():
     assert got["n_tokens"] == 301 and math.isnan(got["shared_gate_drift"])
 
 
+def _tables_equal(a, b, rtol=1e-12):
+    for name in ("cka", "collapse", "attention_entropy", "routing"):
+        ta, tb = a.tables[name], b.tables[name]
+        assert ta.column_names == tb.column_names and len(ta) == len(tb), name
+        for c in ta.column_names:
+            x, y = ta.columns[c], tb.columns[c]
+            if isinstance(x, list):
+                assert x == y, (name, c)
+            else:
+                np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-12, err_msg=f"{name}.{c}")
+
+
+def test_layer_groups_and_oom_retry_give_the_same_tables(planted, monkeypatch):
+    """A CKA memory budget that holds one layer (several probe passes), and out-of-memory errors that
+    halve the batch, change nothing but float64 summation order."""
+    base, ft, _, _ = planted("mixtral")
+    kw = dict(probe="default", max_texts=8, max_tokens=16, tokenizer=None, progress=False)
+    ref = compare(base, ft, token_budget=64, **kw)
+    assert ref.meta["capture"]["passes"] == 1
+    grouped = compare(base, ft, token_budget=64, memory_budget=30_000, **kw)
+    assert grouped.meta["capture"]["passes"] == 3  # embeddings + 2 layers, one per pass
+    _tables_equal(ref, grouped, rtol=1e-9)
+    real = C._forward
+    calls = []
+
+    def flaky(side, ids, am, **k):
+        calls.append(ids.shape[0])
+        if ids.shape[0] > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(side, ids, am, **k)
+
+    monkeypatch.setattr(C, "_forward", flaky)
+    seen = []
+    halved = compare(base, ft, token_budget=64, **{**kw, "progress": lambda d, t, s: seen.append((d, t))})
+    assert calls[0] == 4 and max(calls[1:]) == 2
+    assert any("batch halved" in n for n in halved.meta["capture"]["notes"])
+    assert seen[-1][0] == seen[-1][1] == halved.meta["capture"]["n_tokens"]
+    _tables_equal(ref, halved, rtol=1e-9)
+
+
 # ------------------------------------------------------------------------------------------------
 # MiniLM (a real BERT-style encoder with its own tokenizer), end to end
 

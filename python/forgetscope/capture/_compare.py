@@ -376,7 +376,7 @@ def compare(
     if "routing" in chosen:
         try:
             rule = routing_rule(rule_cfg)
-        except (UsageError, ForgetscopeError) as e:
+        except (UsageError, ForgetscopeError):
             notes.append(f"routing: skipped, no MoE routing rule for model_type {rule_cfg.get('model_type')!r}")
     want_entropy = "attention_entropy" in chosen
     base_side = _setup_side(base_model, base_desc, want_entropy, rule, notes)
