@@ -299,6 +299,12 @@ def test_captured_router_inputs_reproduce_the_models_routing(family_ckpt, varian
         assert hid.shape == (int(flat.sum()), cfg.get("hidden_size", hid.shape[1]))
         sel_m, w_m = _router_output(variant, seen[layer])
         sel_m, w_m = sel_m[flat.numpy()], w_m[flat.numpy()]
+        out = seen[layer]
+        logits_m = (out[1] if variant.startswith("llama4") else out[0]).float().numpy()[flat.numpy()]
+        logits = hid.astype(np.float64) @ site.weight.T.astype(np.float64)
+        if variant == "gpt_oss":
+            logits = logits + site.bias
+        np.testing.assert_allclose(logits, logits_m, rtol=1e-4, atol=1e-5)
         rt = route_tokens(site.weight, hid, config=cfg, bias=site.bias)
         order = np.argsort(rt.selected, axis=1)
         sel_r = np.take_along_axis(rt.selected, order, 1)

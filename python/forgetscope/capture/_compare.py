@@ -725,8 +725,8 @@ def summary(analysis: Analysis, top: int = 3) -> str:
             if sel.any():
                 js = rt.columns["js_mean"][sel]
                 i = int(np.nanargmax(js)) if np.isfinite(js).any() else 0
-                lines.append(f"  routing ({mode}): max JS {js[i]:.3e} at layer {rt.columns['layer'][sel][i]}, "
-                             f"top-k overlap {rt.columns['topk_overlap'][sel][i]:.3f}")
+                lines.append(f"  routing ({mode}): max JS {js[i]:.3e} at ckpt {rt.columns['checkpoint'][sel][i]} "
+                             f"layer {rt.columns['layer'][sel][i]}, top-k overlap {rt.columns['topk_overlap'][sel][i]:.3f}")
     for n in cap.get("notes", [])[:5]:
         lines.append(f"  note: {n}")
     return "\n".join(lines)
