@@ -154,11 +154,10 @@ def test_routing_drift_placement(compared, planted, variant):
     for layer in lay.moe_layers:
         js = float(_col(rt, "js_mean", checkpoint=2, layer=layer, mode="same_hidden")[0])
         assert (js > 0) == (layer == last), (layer, js)
-    loads = res.tables["routing_load"]
-    for (ck, layer, mode) in {(c, l, m) for c, l, m in zip(loads.columns["checkpoint"], loads.columns["layer"],
-                                                             loads.columns["mode"])}:
-        f = _col(loads, "load_base", checkpoint=ck, layer=layer, mode=mode)
-        assert len(f) == lay.n_experts and abs(f.sum() - 1) < 1e-12
+    for col in ("load_base", "load_ckpt"):
+        for v in rt.columns[col]:
+            f = np.asarray(json.loads(v))
+            assert len(f) == lay.n_experts and abs(f.sum() - 1) < 1e-12
 
 
 def test_dense_model_has_no_routing(compared):
@@ -554,11 +553,21 @@ def test_cli_analyze_with_probe(planted, cli, tmp_path):
              "--device", "cpu", "-o", out, "--format", "json"], timeout=300)
     assert r.returncode == 0, r.stderr
     assert "capture: probe default (4 texts" in r.stdout
-    for name in ("cka", "collapse", "attention_entropy", "routing", "routing_load", "heads"):
+    for name in ("cka", "collapse", "attention_entropy", "routing", "heads"):
         assert (out / f"{name}.json").is_file(), name
     meta = json.loads((out / "analysis.json").read_text())
     assert meta["capture"]["probe"]["n_texts"] == 4 and meta["capture"]["probe"]["max_tokens"] == 16
     assert meta["capture"]["tokenizer"]["kind"] == "bytes_mod_vocab"
+    # the bundle feeds `check` (CKA and routing rules over the capture tables)
+    from forgetscope.check import check
+
+    pol = {"rule": [
+        {"name": "cka", "table": "cka", "metric": "linear_cka_no_pos0", "agg": "min", "min": 0.5},
+        {"name": "routing", "table": "routing", "metric": "js_mean", "agg": "max", "max": math.log(2)},
+        {"name": "tight", "table": "cka", "metric": "one_minus_cka", "agg": "max", "max": 0.0, "layers": [last]},
+    ]}
+    res = check(out, pol)
+    assert [r.status for r in res.rules] == ["pass", "pass", "fail"], [(r.name, r.status, r.message) for r in res.rules]
     r = cli(["analyze", base, "--probe", "default", "--metrics", "hyperspherical_energy"])
     assert r.returncode == 2 and "--probe needs" in r.stderr
 

@@ -38,7 +38,7 @@ def _impl() -> Any:
 def compare(base: Any, *checkpoints: Any, **kwargs: Any) -> Any:
     """Compare ``base`` with each checkpoint on probe texts; see :func:`forgetscope.capture._compare.compare`
     for every option. Returns an :class:`forgetscope.Analysis` with tables ``cka``, ``collapse``,
-    ``attention_entropy``, ``routing`` and ``routing_load``."""
+    ``attention_entropy`` and ``routing``."""
     return _impl().compare(base, *checkpoints, **kwargs)
 
 

@@ -10,8 +10,8 @@ from ..results import Analysis
 
 def add_capture(res: Analysis, args: argparse.Namespace) -> None:
     """Run :func:`forgetscope.capture.compare` on the analysed checkpoints and merge its tables
-    (``cka``, ``collapse``, ``attention_entropy``, ``routing``, ``routing_load``) and its
-    ``meta["capture"]`` record into ``res``."""
+    (``cka``, ``collapse``, ``attention_entropy``, ``routing``) and its ``meta["capture"]`` record
+    into ``res``. A ``routing`` table already computed from ``--router-hidden`` is kept."""
     if not args.checkpoints:
         raise UsageError("--probe needs at least one checkpoint besides the base")
     if args.probe_max_tokens < 2:
@@ -26,8 +26,12 @@ def add_capture(res: Analysis, args: argparse.Namespace) -> None:
         threads=args.threads, progress=False if args.quiet else None,
     )
     for name, table in cap.tables.items():
-        if len(table):
-            res.tables[name] = table
+        if not len(table):
+            continue
+        if name in res.tables and len(res.tables[name]):
+            cap.meta["capture"]["notes"].append(f"{name}: kept the table computed from the given hidden states")
+            continue
+        res.tables[name] = table
     res.meta["capture"] = cap.meta["capture"]
     if "structure" not in res.meta and "structure" in cap.meta:
         res.meta["structure"] = cap.meta["structure"]

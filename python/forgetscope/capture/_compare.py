@@ -12,6 +12,7 @@ accumulators and dropped.
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import time
@@ -41,9 +42,9 @@ CONVENTIONS = {
     "cka": ("linear CKA (biased HSIC, feature space, exact over every probe token; METRICS.md §2.2) between "
             "the base's and the checkpoint's hidden states of the same tokens; padding excluded; "
             "linear_cka_no_pos0 excludes position 0 of every text (BOS / [CLS] / attention sink, whose "
-            "massive activations dominate linear CKA). layer -1 = embeddings; layer l = output of block l as "
-            "transformers returns it (the last one after the model's final norm, where it has one). "
-            "drift = 1 - CKA."),
+            "massive activations dominate linear CKA); linear_cka_debiased = unbiased-HSIC CKA over all tokens. "
+            "layer -1 = embeddings; layer l = output of block l as transformers returns it (the last one after "
+            "the model's final norm, where it has one). Representational drift = one_minus_cka."),
     "collapse": ("mean_pairwise_cosine = (|sum x_hat|^2 - sum |x_hat|^2) / (m (m - 1)) over the m non-zero token "
                  "vectors; covariance_participation_ratio = (tr C)^2 / |C|_F^2 of the centred covariance; both "
                  "exact and streamed over every probe token (no sample); *_no_pos0 without position 0. "
@@ -57,7 +58,8 @@ CONVENTIONS = {
     "routing": ("data-dependent routing drift per MoE layer (METRICS.md §4.3) with the family's exact rule, on "
                 "the router inputs (post_attention_layernorm output) of every valid probe token: mode "
                 "same_hidden = the base's hidden states through both routers (router drift alone); own_hidden = "
-                "each model's own hidden states (total routing change). Token means merged exactly over batches."),
+                "each model's own hidden states (total routing change). Token means merged exactly over batches; "
+                "load_base / load_ckpt = per-expert loads as JSON lists."),
 }
 
 
@@ -327,7 +329,7 @@ def compare(
 
     Returns:
         :class:`forgetscope.Analysis` whose ``tables`` hold ``cka``, ``collapse``,
-        ``attention_entropy``, ``routing`` and ``routing_load``; ``meta["capture"]`` records the
+        ``attention_entropy`` and ``routing``; ``meta["capture"]`` records the
         probe (name, SHA-256, texts, max_tokens), tokenizer, device, dtype, token counts and the
         conventions.
 
@@ -393,8 +395,7 @@ def compare(
     elif progress is not False:
         bar = _TokenBar(label="capture ", enabled=None if progress is None else True)
 
-    rows: Dict[str, List[Dict[str, Any]]] = {k: [] for k in ("cka", "collapse", "attention_entropy", "routing",
-                                                           "routing_load")}
+    rows: Dict[str, List[Dict[str, Any]]] = {k: [] for k in ("cka", "collapse", "attention_entropy", "routing")}
     base_entropy: Optional[Dict[int, np.ndarray]] = None
     base_sinks: Dict[int, bool] = {}
     n_passes_total = 0
@@ -568,7 +569,7 @@ def compare(
     for t in tables.values():
         t.meta = {"schema_version": _core.SCHEMA_VERSION, "capture": {
             "probe": capture_meta["probe"], "tokenizer": tok_desc, "device": capture_meta["device"],
-            "dtype": capture_meta["dtype"], "convention": CONVENTIONS.get(t.kind if t.kind != "routing_load" else "routing")}}
+            "dtype": capture_meta["dtype"], "convention": CONVENTIONS[t.kind]}}
     return Analysis(None, None, tables, meta)
 
 
@@ -613,12 +614,14 @@ def _finish_group(rows, ci, group, cka_acc, pos0, cos, want_cka, want_collapse) 
             if len(xb):
                 acc.update(xb, xt)
         cka_all = acc.compute() if acc.n >= 2 else math.nan
+        cka_deb = acc.compute(debiased=True) if acc.n >= 4 else math.nan
         pr_all = acc.participation_ratio() if acc.n >= 2 else (math.nan, math.nan)
         layer = _site_layer(si)
         site = "embeddings" if si == 0 else "layer_output"
         if want_cka:
             rows["cka"].append(dict(checkpoint=ci, layer=layer, site=site, linear_cka=cka_all,
-                                    linear_cka_no_pos0=cka_np0, drift=1.0 - cka_all, drift_no_pos0=1.0 - cka_np0,
+                                    linear_cka_no_pos0=cka_np0, linear_cka_debiased=cka_deb,
+                                    one_minus_cka=1.0 - cka_all, one_minus_cka_no_pos0=1.0 - cka_np0,
                                     n_tokens=acc.n, n_tokens_no_pos0=n_np0))
         if want_collapse:
             for j, which in ((0, "base"), (1, "ckpt")):
@@ -653,16 +656,16 @@ def _finish_entropy(rows, ci, base: Dict[int, np.ndarray], ckpt: Dict[int, np.nd
 
 def _finish_routing(rows, ci, layer, mode, acc: RoutingAccumulator) -> None:
     r = acc.finish()
-    f0, ft = r.pop("load_base"), r.pop("load_ckpt")
+    # per-expert loads as JSON lists, as in forgetscope.routing.checkpoint_routing_drift's table
+    r["load_base"] = json.dumps([None if not math.isfinite(v) else float(v) for v in r["load_base"]])
+    r["load_ckpt"] = json.dumps([None if not math.isfinite(v) else float(v) for v in r["load_ckpt"]])
     rows["routing"].append(dict(checkpoint=ci, layer=layer, mode=mode, **r))
-    for e in range(len(f0)):
-        rows["routing_load"].append(dict(checkpoint=ci, layer=layer, mode=mode, expert=e,
-                                         load_base=float(f0[e]), load_ckpt=float(ft[e])))
 
 
 _SCHEMAS: Dict[str, Dict[str, str]] = {
-    "cka": dict(checkpoint="i", layer="i", site="s", linear_cka="f", linear_cka_no_pos0="f", drift="f",
-                drift_no_pos0="f", n_tokens="i", n_tokens_no_pos0="i"),
+    "cka": dict(checkpoint="i", layer="i", site="s", linear_cka="f", linear_cka_no_pos0="f",
+                linear_cka_debiased="f", one_minus_cka="f", one_minus_cka_no_pos0="f", n_tokens="i",
+                n_tokens_no_pos0="i"),
     "collapse": dict(checkpoint="i", layer="i", site="s", which="s", mean_pairwise_cosine="f",
                      covariance_participation_ratio="f", mean_pairwise_cosine_no_pos0="f",
                      covariance_participation_ratio_no_pos0="f", n_tokens="i"),
@@ -672,8 +675,8 @@ _SCHEMAS: Dict[str, Dict[str, str]] = {
     "routing": dict(checkpoint="i", layer="i", mode="s", n_tokens="i", n_nonfinite="i", js_mean="f",
                     js_bernoulli_mean="f", topk_overlap="f", jaccard="f", top1_agreement="f", weight_l1_mean="f",
                     load_entropy_base="f", load_entropy_ckpt="f", load_tv="f", max_load_ratio_base="f",
-                    max_load_ratio_ckpt="f", balance_base="f", balance_ckpt="f", shared_gate_drift="f"),
-    "routing_load": dict(checkpoint="i", layer="i", mode="s", expert="i", load_base="f", load_ckpt="f"),
+                    max_load_ratio_ckpt="f", balance_base="f", balance_ckpt="f", shared_gate_drift="f",
+                    load_base="s", load_ckpt="s"),
 }
 
 

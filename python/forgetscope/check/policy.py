@@ -110,10 +110,11 @@ TABLES: Dict[str, TableSpec] = {t.name: t for t in (
                "delta_s2", "n_near_dup", "min_d2", "frame_potential"),
               ("tensor", "checkpoint", "layer", "expert", "kind", "shape"), _TENSOR_SELECTORS, "matrices"),
     TableSpec("cka", "cka", None,
-              ("cka", "linear_cka", "linear_cka_debiased", "rbf_cka", "one_minus_cka"),
+              ("cka", "linear_cka", "linear_cka_debiased", "rbf_cka", "one_minus_cka", "linear_cka_no_pos0",
+               "one_minus_cka_no_pos0"),
               ("checkpoint", "layer", "site"), frozenset({"layers"}), "layers",
-              unavailable="CKA compares activations on probe data (run with --probe DATA); this version of "
-                          "forgetscope computes weight metrics only"),
+              unavailable="CKA compares activations on probe data: it comes from `forgetscope analyze ... "
+                          "--probe default|FILE` (forgetscope.capture, needs forgetscope[torch])"),
     TableSpec("protected_subspace", "protected_subspace", None,
               ("protected_drift", "rel_protected_drift", "frac_delta_in_subspace", "k"),
               ("tensor", "checkpoint", "layer", "expert", "kind", "component"), _TENSOR_SELECTORS, "modules",
