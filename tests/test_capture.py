@@ -531,6 +531,24 @@ def test_user_probe_files(tmp_path):
     assert load_probe(["a", "b"]).name == "inline"
 
 
+def test_loaded_model_objects(planted):
+    """Models passed as objects (e.g. from a training loop) work, keep their attention implementation
+    and training mode, and give the same numbers as paths."""
+    base, ft, _, _ = planted("llama")
+    with CM.offline_quiet():
+        mb = transformers.AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True)
+        mt = transformers.AutoModelForCausalLM.from_pretrained(str(ft), local_files_only=True)
+    mt.train()
+    impl = mb.config._attn_implementation
+    kw = dict(probe="default", max_texts=4, max_tokens=16, tokenizer=None, progress=False)
+    a = compare(mb, mt, **kw)
+    b = compare(base, ft, **kw)
+    assert mb.config._attn_implementation == impl and mt.training and not mb.training
+    np.testing.assert_allclose(a.tables["cka"].columns["linear_cka"], b.tables["cka"].columns["linear_cka"], rtol=1e-12)
+    np.testing.assert_allclose(a.tables["attention_entropy"].columns["delta_entropy"],
+                               b.tables["attention_entropy"].columns["delta_entropy"], atol=1e-12)
+
+
 def test_bad_options(planted):
     base, ft, _, _ = planted("llama")
     with pytest.raises(UsageError, match="unknown capture metric"):

@@ -314,6 +314,8 @@ def compare(
     dt = M.pick_dtype(dtype, dev)
     notes: List[str] = []
 
+    # models passed as objects go back to their training mode afterwards (capture runs in eval mode)
+    modes = [(m, m.training) for m in (base, *checkpoints) if isinstance(m, torch.nn.Module)]
     t_load = time.monotonic()
     base_model, base_desc = M.load_model(base, device=dev, dtype=dt)
     load_seconds = time.monotonic() - t_load
@@ -494,6 +496,8 @@ def compare(
         if bar is not None:
             bar.close()
         attn.uninstall(base_model)
+        for m, training in modes:
+            m.train(training)
     seconds = time.monotonic() - t0
     tables = {k: AnalysisTable(k, _columns(v, _SCHEMAS[k]), {}) for k, v in rows.items()}
     capture_meta = {
