@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .lrcp import cli as lrcp_cli
 
     lrcp_cli.add_parser(sub)
+    from . import fingerprint_cli
+
+    fingerprint_cli.add_parsers(sub, _common_run)
     return p
 
 
@@ -293,6 +296,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         handler = {"check": _cmd_check, "demo": _cmd_demo, "inspect": _cmd_inspect, "analyze": _cmd_analyze,
                    "report": _cmd_report, "outputs": _cmd_outputs, "lrcp": _cmd_lrcp,
                    "trajectory": lambda a: _run_trajectory([a.base, *a.checkpoints], a)}
+        from .fingerprint_cli import HANDLERS as _fingerprint_handlers
+
+        handler.update(_fingerprint_handlers)
         return handler[args.command](args)
     except KeyboardInterrupt:
         print("forgetscope: interrupted", file=sys.stderr)

@@ -29,9 +29,13 @@ fn config(dir: &Path) {
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
 }
 
-/// Tensors of a 2-layer Mixtral-style model; `plant(name, row_range)` returns extra noise scale.
-fn model(seed: u64, plant: &dyn Fn(&str) -> Option<(u64, u64, f32)>) -> Vec<T> {
-    let mut shapes: Vec<(String, Vec<u64>)> = vec![("model.embed_tokens.weight".into(), vec![64, HIDDEN])];
+/// Rows [r0, r1) of a tensor get noise of this scale.
+type Plant = dyn Fn(&str) -> Option<(u64, u64, f32)>;
+
+/// Tensors of a 2-layer Mixtral-style model; `plant(name)` says where to add noise.
+fn model(seed: u64, plant: &Plant) -> Vec<T> {
+    let mut shapes: Vec<(String, Vec<u64>)> =
+        vec![("model.embed_tokens.weight".into(), vec![64, HIDDEN])];
     for l in 0..2 {
         let p = format!("model.layers.{l}.");
         shapes.push((format!("{p}input_layernorm.weight"), vec![HIDDEN]));
@@ -41,9 +45,18 @@ fn model(seed: u64, plant: &dyn Fn(&str) -> Option<(u64, u64, f32)>) -> Vec<T> {
         shapes.push((format!("{p}self_attn.o_proj.weight"), vec![HIDDEN, H * D]));
         shapes.push((format!("{p}block_sparse_moe.gate.weight"), vec![E, HIDDEN]));
         for e in 0..E {
-            shapes.push((format!("{p}block_sparse_moe.experts.{e}.w1.weight"), vec![I, HIDDEN]));
-            shapes.push((format!("{p}block_sparse_moe.experts.{e}.w2.weight"), vec![HIDDEN, I]));
-            shapes.push((format!("{p}block_sparse_moe.experts.{e}.w3.weight"), vec![I, HIDDEN]));
+            shapes.push((
+                format!("{p}block_sparse_moe.experts.{e}.w1.weight"),
+                vec![I, HIDDEN],
+            ));
+            shapes.push((
+                format!("{p}block_sparse_moe.experts.{e}.w2.weight"),
+                vec![HIDDEN, I],
+            ));
+            shapes.push((
+                format!("{p}block_sparse_moe.experts.{e}.w3.weight"),
+                vec![I, HIDDEN],
+            ));
         }
     }
     shapes.push(("lm_head.weight".into(), vec![64, HIDDEN]));
@@ -83,7 +96,9 @@ fn fixture() -> Fix {
             "model.layers.0.self_attn.q_proj.weight" => Some((D, 2 * D, 0.3)),
             "model.layers.1.self_attn.k_proj.weight" => Some((D, 2 * D, 0.3)),
             "model.layers.1.block_sparse_moe.gate.weight" => Some((3, 4, 0.2)),
-            n if n.starts_with("model.layers.1.block_sparse_moe.experts.2.") => Some((0, 1 << 20, 0.1)),
+            n if n.starts_with("model.layers.1.block_sparse_moe.experts.2.") => {
+                Some((0, 1 << 20, 0.1))
+            }
             "lm_head.weight" => Some((0, 64, 0.01)),
             _ => None,
         }
@@ -148,7 +163,8 @@ fn round_trip_exact_parts_and_bounds() {
         &ctl,
     )
     .unwrap();
-    let cmp = compare_fingerprint(&back, &f.ft, &CompareOptions::default(), &Control::new()).unwrap();
+    let cmp =
+        compare_fingerprint(&back, &f.ft, &CompareOptions::default(), &Control::new()).unwrap();
     let b = cmp.bound;
     let rep = &cmp.report;
     assert_eq!(rep.trajectory.tensors.len(), an.trajectory.tensors.len());
@@ -161,13 +177,20 @@ fn round_trip_exact_parts_and_bounds() {
         if tru == 0.0 {
             assert_eq!(est, 0.0, "{} unchanged must be exact", c.name);
         } else {
-            assert!((est - tru).abs() <= b.rel_error * tru, "{}: {est} vs {tru}", c.name);
+            assert!(
+                (est - tru).abs() <= b.rel_error * tru,
+                "{}: {est} vs {tru}",
+                c.name
+            );
         }
     }
     // Routers: exact.
     assert_eq!(rep.routers.len(), an.routers.len());
     for (c, a) in rep.routers.iter().zip(&an.routers) {
-        assert!(close(c.drift.rel_drift, a.drift.rel_drift) || (c.drift.rel_drift == 0.0 && a.drift.rel_drift == 0.0));
+        assert!(
+            close(c.drift.rel_drift, a.drift.rel_drift)
+                || (c.drift.rel_drift == 0.0 && a.drift.rel_drift == 0.0)
+        );
     }
     // Heads: within the bound, unplanted heads exact 0, planted head ranks first in its layer.
     assert_eq!(rep.heads.len(), an.heads.len());
@@ -176,7 +199,12 @@ fn round_trip_exact_parts_and_bounds() {
         if tru == 0.0 {
             assert_eq!(est, 0.0);
         } else {
-            assert!((est - tru).abs() <= b.rel_error * tru, "head {} {}: {est} vs {tru}", c.layer, c.drift.head);
+            assert!(
+                (est - tru).abs() <= b.rel_error * tru,
+                "head {} {}: {est} vs {tru}",
+                c.layer,
+                c.drift.head
+            );
         }
     }
     // Experts.
@@ -198,7 +226,11 @@ fn round_trip_exact_parts_and_bounds() {
             .iter()
             .find(|a| a.tensor == c.tensor && a.side == c.side)
             .unwrap();
-        assert!((c.stats.overlap - a.stats.overlap).abs() < 1e-9, "{}", c.tensor);
+        assert!(
+            (c.stats.overlap - a.stats.overlap).abs() < 1e-9,
+            "{}",
+            c.tensor
+        );
     }
     assert!(!rep.subspaces.is_empty());
 }
@@ -207,7 +239,8 @@ fn round_trip_exact_parts_and_bounds() {
 fn identical_candidate_is_exact_zero() {
     let f = fixture();
     let fp = fingerprint(&f.base, &fp_opts(None), &Control::new()).unwrap();
-    let cmp = compare_fingerprint(&fp, &f.base, &CompareOptions::default(), &Control::new()).unwrap();
+    let cmp =
+        compare_fingerprint(&fp, &f.base, &CompareOptions::default(), &Control::new()).unwrap();
     for t in &cmp.report.trajectory.tensors {
         assert_eq!(t.steps[0].fro_delta, 0.0);
         assert_eq!(t.steps[0].frac_unchanged, 1.0);
@@ -226,7 +259,10 @@ fn bad_inputs_are_invalid_input() {
     let bytes = std::fs::read(&out).unwrap();
     let trunc = f._dir.path().join("trunc.fsfp");
     std::fs::write(&trunc, &bytes[..bytes.len() - 100]).unwrap();
-    assert_eq!(read_fingerprint(&trunc).unwrap_err().kind(), ErrorKind::InvalidInput);
+    assert_eq!(
+        read_fingerprint(&trunc).unwrap_err().kind(),
+        ErrorKind::InvalidInput
+    );
     // A checkpoint is not a fingerprint.
     let shard = std::fs::read_dir(&f.base)
         .unwrap()
@@ -241,7 +277,8 @@ fn bad_inputs_are_invalid_input() {
     let mut t = model(0, &|_| None);
     t.pop();
     write_sharded(&other, &t, 1);
-    let e = compare_fingerprint(&fp, &other, &CompareOptions::default(), &Control::new()).unwrap_err();
+    let e =
+        compare_fingerprint(&fp, &other, &CompareOptions::default(), &Control::new()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput);
     assert!(e.to_string().contains("lm_head.weight (missing)"), "{e}");
     let lax = CompareOptions {
@@ -249,5 +286,10 @@ fn bad_inputs_are_invalid_input() {
         ..Default::default()
     };
     let ok = compare_fingerprint(&fp, &other, &lax, &Control::new()).unwrap();
-    assert!(ok.report.trajectory.mismatches.iter().any(|m| m.kind == "missing"));
+    assert!(ok
+        .report
+        .trajectory
+        .mismatches
+        .iter()
+        .any(|m| m.kind == "missing"));
 }

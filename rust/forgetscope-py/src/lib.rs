@@ -5,6 +5,7 @@
 mod analyze;
 mod convert;
 mod errors;
+mod fingerprint;
 mod metrics;
 mod routing;
 mod run;
@@ -185,5 +186,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<metrics::PyStreamingCka>()?;
     m.add_class::<metrics::PyMinibatchCka>()?;
     routing::register(m)?;
+    fingerprint::register(m)?;
     Ok(())
 }

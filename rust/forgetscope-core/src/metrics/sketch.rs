@@ -211,9 +211,13 @@ pub fn hash_and_sq(keys: &SignKeys, first: u64, vals: &[f32]) -> (u64, f64) {
     for c in vals.chunks(8) {
         for (j, &v) in c.iter().enumerate() {
             // −0.0 and +0.0 are the same value: hash them alike.
-            let bits = if v == 0.0 { 0u64 } else { u64::from(v.to_bits()) };
+            let bits = if v == 0.0 {
+                0u64
+            } else {
+                u64::from(v.to_bits())
+            };
             h = h.wrapping_add(mix(
-                keys.hash_key.wrapping_add(i.wrapping_mul(GAMMA)) ^ bits.wrapping_mul(HASH_MUL),
+                keys.hash_key.wrapping_add(i.wrapping_mul(GAMMA)) ^ bits.wrapping_mul(HASH_MUL)
             ));
             let x = f64::from(v);
             acc[j] += x * x;
@@ -323,7 +327,10 @@ pub fn jl_bound(r: usize, delta: f64) -> Result<JlBound> {
     let (hi_factor, down) = if eps_lower >= 1.0 {
         (f64::INFINITY, f64::INFINITY)
     } else {
-        (1.0 / (1.0 - eps_lower).sqrt(), 1.0 - (1.0 - eps_lower).sqrt())
+        (
+            1.0 / (1.0 - eps_lower).sqrt(),
+            1.0 - (1.0 - eps_lower).sqrt(),
+        )
     };
     let up = (1.0 + eps_upper).sqrt() - 1.0;
     Ok(JlBound {
@@ -353,15 +360,20 @@ mod tests {
     fn sketch_matches_dense_definition_and_paths_agree() {
         for r in [1usize, 5, 64, 65, 130] {
             let keys = SignKeys::new(7, "model.layers.0.q_proj.weight", r).unwrap();
-            let x: Vec<f32> = (0..777).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+            let x: Vec<f32> = (0..777)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
             let y = sketch(&x, &keys);
-            for j in 0..r {
+            for (j, &got) in y.iter().enumerate() {
                 let want: f64 = x
                     .iter()
                     .enumerate()
                     .map(|(i, &v)| dense_sign(&keys, j, i as u64) * f64::from(v))
                     .sum();
-                assert!((y[j] - want).abs() <= 1e-9 * want.abs().max(1.0), "r={r} j={j}");
+                assert!(
+                    (got - want).abs() <= 1e-9 * want.abs().max(1.0),
+                    "r={r} j={j}"
+                );
             }
             let mut a = vec![0f64; r];
             let mut b = vec![0f64; r];
@@ -421,8 +433,14 @@ mod tests {
     #[test]
     fn empirical_failure_rate_below_delta() {
         // Many independent tensors (names) → independent S; count bound violations.
-        let x: Vec<f32> = (0..300).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
-        let truth = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt();
+        let x: Vec<f32> = (0..300)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+            .collect();
+        let truth = x
+            .iter()
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum::<f64>()
+            .sqrt();
         let r = 16;
         let b = jl_bound(r, 0.2).unwrap();
         let mut fails = 0;

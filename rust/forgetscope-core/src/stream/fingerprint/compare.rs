@@ -23,8 +23,8 @@ use crate::results::analysis::{
     RouterRecord, SpectraRecord, SubspaceRecord,
 };
 use crate::results::{
-    trajectory_conventions, CheckpointInfo, Mismatch, RunStats, TensorTrajectory,
-    TrajectoryReport, SCHEMA_VERSION,
+    trajectory_conventions, CheckpointInfo, Mismatch, RunStats, TensorTrajectory, TrajectoryReport,
+    SCHEMA_VERSION,
 };
 use crate::source::{open_checkpoint, Encoding, LogicalTensor, Skipped};
 use crate::stream::budget::Budget;
@@ -253,15 +253,7 @@ pub fn compare_fingerprint(
     let mut mismatches = Vec::new();
     let mut paired: Vec<Option<&LogicalTensor>> = Vec::with_capacity(fp.tensors.len());
     let orient = |name: &str, shape: &[u64], mxfp4: bool| {
-        fused_orientation(
-            cfg.as_ref(),
-            &TensorDesc {
-                name,
-                shape,
-                mxfp4,
-            },
-        )
-        .map(|l| l.transposed)
+        fused_orientation(cfg.as_ref(), &TensorDesc { name, shape, mxfp4 }).map(|l| l.transposed)
     };
     for t in &fp.tensors {
         let Some(c) = by_name.get(t.name.as_str()).copied() else {
@@ -269,7 +261,12 @@ pub fn compare_fingerprint(
             mismatches.push(Mismatch {
                 tensor: t.name.clone(),
                 checkpoint: 1,
-                kind: if in_skipped.is_some() { "skipped" } else { "missing" }.into(),
+                kind: if in_skipped.is_some() {
+                    "skipped"
+                } else {
+                    "missing"
+                }
+                .into(),
                 detail: match in_skipped {
                     Some(s) => format!("not analysable in checkpoint 1: {}", s.reason),
                     None => "present in the base, absent from checkpoint 1".into(),
@@ -337,7 +334,7 @@ pub fn compare_fingerprint(
             return Err(Error::Checkpoint {
                 path: candidate.to_path_buf(),
                 reason: format!(
-                    "the candidate's tensors differ from the fingerprinted base's in {} place(s): {}{}; compare-fingerprint needs the same tensor set and shapes (pass allow_mismatch to compare only the common tensors)",
+                    "the candidate's tensors differ from the fingerprinted base's in {} place(s): {}{}; compare-fingerprint needs the same tensor set and shapes (--allow-mismatch / allow_mismatch=True compares only the common tensors)",
                     hard.len(),
                     list.join(", "),
                     if hard.len() > 5 { ", ..." } else { "" }
@@ -361,7 +358,9 @@ pub fn compare_fingerprint(
     }
     let mut skipped: Vec<AnalysisSkip> = fp.skipped.clone();
     let half = budget.total / 2;
-    let idx: Vec<usize> = (0..fp.tensors.len()).filter(|&i| paired[i].is_some()).collect();
+    let idx: Vec<usize> = (0..fp.tensors.len())
+        .filter(|&i| paired[i].is_some())
+        .collect();
     let mut items = Vec::with_capacity(idx.len());
     for &i in &idx {
         let t = &fp.tensors[i];
@@ -512,9 +511,17 @@ pub fn compare_fingerprint(
                 one_minus_cos: omc(d2),
                 step_drift: fro,
                 path_length: fro,
-                straightness: if fro > 0.0 && fro.is_finite() { 1.0 } else { nan },
+                straightness: if fro > 0.0 && fro.is_finite() {
+                    1.0
+                } else {
+                    nan
+                },
                 step_cos: nan,
-                frac_unchanged: if d.exact && ok && c.numel > 0 { 1.0 } else { nan },
+                frac_unchanged: if d.exact && ok && c.numel > 0 {
+                    1.0
+                } else {
+                    nan
+                },
                 n_nan: cs.n_nan,
                 n_inf: cs.n_inf,
             }],
@@ -595,7 +602,8 @@ pub fn compare_fingerprint(
                 ..
             } => (0..n_heads)
                 .map(|h| {
-                    let (dq, dk, dv, dout) = (sd(q, h), sd(kv_b, 2 * h), sd(kv_b, 2 * h + 1), sd(o, h));
+                    let (dq, dk, dv, dout) =
+                        (sd(q, h), sd(kv_b, 2 * h), sd(kv_b, 2 * h + 1), sd(o, h));
                     let mut z = Diff::zero(r);
                     for x in [&dq, &dk, &dv, &dout] {
                         z.add(x, 1.0);
@@ -608,7 +616,13 @@ pub fn compare_fingerprint(
         for (drift, z) in parts {
             let (est, rb, lo, hi) = interval(&bound, drift.drift, z.exact);
             let base = drift.base2.sqrt();
-            let rel = |x: f64| if drift.base2 > 0.0 { x / base } else { f64::NAN };
+            let rel = |x: f64| {
+                if drift.base2 > 0.0 {
+                    x / base
+                } else {
+                    f64::NAN
+                }
+            };
             heads_x.push(est, rb, &[lo, hi, rel(lo), rel(hi)]);
             heads.push(HeadRecord {
                 checkpoint: 1,
@@ -734,7 +748,11 @@ pub fn compare_fingerprint(
             let Some(w) = find(l, Module::Router) else {
                 continue;
             };
-            let base_of = |i: usize| whole_of.get(fp.tensors[i].name.as_str()).map(|&k| &fp.whole[k]);
+            let base_of = |i: usize| {
+                whole_of
+                    .get(fp.tensors[i].name.as_str())
+                    .map(|&k| &fp.whole[k])
+            };
             let (Some(b0), Some(ct)) = (base_of(w), cand_whole.get(&w)) else {
                 skipped.push(AnalysisSkip {
                     tensor: fp.tensors[w].name.clone(),
@@ -744,13 +762,8 @@ pub fn compare_fingerprint(
                 continue;
             };
             let [rows, cols] = b0.shape[..] else { continue };
-            let d = router_weight_drift(
-                &b0.values,
-                ct,
-                rows as usize,
-                cols as usize,
-                family_softmax,
-            )?;
+            let d =
+                router_weight_drift(&b0.values, ct, rows as usize, cols as usize, family_softmax)?;
             let bd = |m: Module| -> Result<_> {
                 let Some(i) = find(l, m) else { return Ok(None) };
                 match (base_of(i), cand_whole.get(&i)) {
@@ -776,16 +789,7 @@ pub fn compare_fingerprint(
     }
 
     // Layers.
-    let layers = layer_records(
-        fp,
-        &st,
-        &tdiff,
-        &heads,
-        &experts,
-        &router_layers,
-        &bound,
-        r,
-    );
+    let layers = layer_records(fp, &st, &tdiff, &heads, &experts, &router_layers, &bound, r);
     let (layers, layers_x) = layers;
 
     let trajectory = TrajectoryReport {
@@ -826,7 +830,10 @@ pub fn compare_fingerprint(
             c
         },
         stats: RunStats {
-            bytes_read: items.iter().map(|i| i.tensor.numel * i.tensor.max_elem_bytes()).sum(),
+            bytes_read: items
+                .iter()
+                .map(|i| i.tensor.numel * i.tensor.max_elem_bytes())
+                .sum(),
             seconds,
             threads: budget.workers,
             memory_budget: budget.total,
@@ -903,10 +910,7 @@ fn spectra_of(
     let s = &fp.svd[k];
     let (m, n) = (s.rows, s.cols);
     let e0 = s.e0 as usize;
-    let Some(a) = e0
-        .checked_add(m * n)
-        .and_then(|e1| values.get(e0..e1))
-    else {
+    let Some(a) = e0.checked_add(m * n).and_then(|e1| values.get(e0..e1)) else {
         return Err(Error::Checkpoint {
             path: fp.base.path.clone().into(),
             reason: format!(
@@ -1061,9 +1065,7 @@ fn conventions(fp: &Fingerprint, opts: &CompareOptions, b: &JlBound) -> Vec<(Str
 
 /// The tables of a comparison, as `analyze` returns them, with the extra columns appended:
 /// (trajectory table, [(name, table)]).
-pub fn comparison_tables(
-    c: &Comparison,
-) -> (NamedTable, Vec<(&'static str, NamedTable)>) {
+pub fn comparison_tables(c: &Comparison) -> (NamedTable, Vec<(&'static str, NamedTable)>) {
     let extra = |name: &str| {
         c.extra
             .iter()

@@ -23,7 +23,9 @@ use serde_json::{json, Map, Value};
 
 use super::pass::{RowStats, TensorSketch};
 use super::segments::{ColMap, RowMap, Segmentation};
-use super::{BaseInfo, Fingerprint, ShardPrint, SpectralParams, SvdPrint, TensorPrint, WholeTensor};
+use super::{
+    BaseInfo, Fingerprint, ShardPrint, SpectralParams, SvdPrint, TensorPrint, WholeTensor,
+};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::metrics::spectral::{SpectralStats, TopSvd};
@@ -334,9 +336,12 @@ impl J<'_> {
             .ok_or_else(|| bad(self.path, format!("metadata field {key:?} is missing")))
     }
     fn u64(&self, v: &Value, key: &str) -> Result<u64> {
-        self.get(v, key)?
-            .as_u64()
-            .ok_or_else(|| bad(self.path, format!("metadata field {key:?} is not an unsigned integer")))
+        self.get(v, key)?.as_u64().ok_or_else(|| {
+            bad(
+                self.path,
+                format!("metadata field {key:?} is not an unsigned integer"),
+            )
+        })
     }
     fn usize(&self, v: &Value, key: &str) -> Result<usize> {
         usize::try_from(self.u64(v, key)?)
@@ -356,9 +361,12 @@ impl J<'_> {
             .ok_or_else(|| bad(self.path, format!("metadata field {key:?} is not a string")))
     }
     fn bool(&self, v: &Value, key: &str) -> Result<bool> {
-        self.get(v, key)?
-            .as_bool()
-            .ok_or_else(|| bad(self.path, format!("metadata field {key:?} is not a boolean")))
+        self.get(v, key)?.as_bool().ok_or_else(|| {
+            bad(
+                self.path,
+                format!("metadata field {key:?} is not a boolean"),
+            )
+        })
     }
     fn arr<'v>(&self, v: &'v Value, key: &str) -> Result<&'v Vec<Value>> {
         self.get(v, key)?
@@ -501,7 +509,8 @@ pub fn read_fingerprint(path: &Path) -> Result<Fingerprint> {
         ));
     }
     let r = j.usize(&meta, "sketch_dim")?;
-    crate::metrics::sketch::check_dim(r).map_err(|_| bad(path, format!("sketch_dim {r} is out of range")))?;
+    crate::metrics::sketch::check_dim(r)
+        .map_err(|_| bad(path, format!("sketch_dim {r} is out of range")))?;
     let rd = Reader {
         path,
         file,

@@ -51,7 +51,7 @@ use super::budget::Budget;
 use super::driver::resolve_threads;
 use super::{Control, RunOptions};
 use crate::error::{Error, Result};
-use crate::layout::{resolve, Module, ModelConfig, Structure, TensorDesc};
+use crate::layout::{resolve, ModelConfig, Module, Structure, TensorDesc};
 use crate::metrics::sketch::{check_dim, SignKeys, DEFAULT_SKETCH_DIM};
 use crate::metrics::spectral::{spectral_stats, SpectralOptions, SpectralStats, TopSvd};
 use crate::results::analysis::AnalysisSkip;
@@ -421,10 +421,12 @@ pub fn fingerprint(
     let ckpt = open_checkpoint(path, &opts.run.open)?;
     let config = read_config(&ckpt, opts.config.as_deref())?;
     let cfg = match &config {
-        Some(v) => Some(ModelConfig::from_value(v).map_err(|reason| Error::ModelConfig {
-            path: path.join("config.json"),
-            reason,
-        })?),
+        Some(v) => Some(
+            ModelConfig::from_value(v).map_err(|reason| Error::ModelConfig {
+                path: path.join("config.json"),
+                reason,
+            })?,
+        ),
         None => None,
     };
     let descs: Vec<TensorDesc<'_>> = ckpt
@@ -451,7 +453,7 @@ pub fn fingerprint(
         } else {
             Vec::new()
         };
-        if !(whole || !tg.is_empty()) {
+        if !whole && tg.is_empty() {
             continue;
         }
         let need = t.numel.saturating_mul(4);
@@ -587,4 +589,69 @@ pub fn fingerprint(
         skipped,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// One row per base tensor of a fingerprint: what it stores about it (exact base statistics).
+pub fn fingerprint_table(fp: &Fingerprint) -> crate::table::Table {
+    use crate::table::Column;
+    let f = |g: &dyn Fn(&TensorPrint) -> f64| Column::F64(fp.tensors.iter().map(g).collect());
+    let i = |g: &dyn Fn(&TensorPrint) -> i64| Column::I64(fp.tensors.iter().map(g).collect());
+    let norm = |t: &TensorPrint| {
+        if t.sketch.n_nan == 0 && t.sketch.n_inf == 0 {
+            t.sketch.sq.sqrt()
+        } else {
+            f64::NAN
+        }
+    };
+    vec![
+        (
+            "tensor",
+            Column::Str(fp.tensors.iter().map(|t| t.name.clone()).collect()),
+        ),
+        (
+            "shape",
+            Column::Str(
+                fp.tensors
+                    .iter()
+                    .map(|t| format!("{:?}", t.shape))
+                    .collect(),
+            ),
+        ),
+        (
+            "format",
+            Column::Str(fp.tensors.iter().map(|t| t.format.clone()).collect()),
+        ),
+        ("numel", i(&|t| t.shape.iter().product::<u64>() as i64)),
+        ("n_segments", i(&|t| t.seg.len() as i64)),
+        ("base_norm", f(&norm)),
+        ("n_nan", i(&|t| t.sketch.n_nan as i64)),
+        ("n_inf", i(&|t| t.sketch.n_inf as i64)),
+        ("n_rows", i(&|t| t.sketch.rows.n_rows as i64)),
+        ("row_norm_min", f(&|t| t.sketch.rows.min)),
+        ("row_norm_median", f(&|t| t.sketch.rows.median)),
+        ("row_norm_max", f(&|t| t.sketch.rows.max)),
+        ("row_norm_mean", f(&|t| t.sketch.rows.mean)),
+        ("n_zero_rows", i(&|t| t.sketch.rows.n_zero as i64)),
+    ]
+}
+
+/// Everything but the per-tensor rows, as JSON.
+pub fn fingerprint_meta_json(fp: &Fingerprint) -> String {
+    serde_json::json!({
+        "schema_version": fp.schema_version,
+        "core_version": fp.core_version,
+        "sketch_dim": fp.sketch_dim,
+        "seed": fp.seed,
+        "base": fp.base,
+        "config": fp.config,
+        "spectral": fp.spectral,
+        "subspace_max_numel": fp.subspace_max_numel,
+        "n_tensors": fp.tensors.len(),
+        "n_segments": fp.n_segments(),
+        "whole": fp.whole.iter().map(|w| serde_json::json!({"name": w.name, "shape": w.shape})).collect::<Vec<_>>(),
+        "subspaces": fp.svd.iter().map(|s| serde_json::json!({"label": s.label, "rows": s.rows, "cols": s.cols, "method": s.top.method})).collect::<Vec<_>>(),
+        "skipped": fp.skipped,
+        "seconds": fp.seconds,
+    })
+    .to_string()
 }

@@ -348,7 +348,9 @@ where
     F: FnMut(usize, Vec<f32>, &TensorSketch) -> Result<()> + Send,
 {
     let eb = |t: &LogicalTensor| t.max_elem_bytes();
-    control.total_tensors.store(items.len() as u64, Ordering::Relaxed);
+    control
+        .total_tensors
+        .store(items.len() as u64, Ordering::Relaxed);
     control.total_bytes.store(
         items.iter().map(|i| i.tensor.numel * eb(i.tensor)).sum(),
         Ordering::Relaxed,
@@ -434,7 +436,8 @@ where
                 if control.is_cancelled() {
                     return;
                 }
-                let r = pool.install(|| read_resident(ckpt, &items[i], budget.chunk_bytes, control));
+                let r =
+                    pool.install(|| read_resident(ckpt, &items[i], budget.chunk_bytes, control));
                 let failed = r.is_err();
                 if tx.send((i, r)).is_err() || failed {
                     return;

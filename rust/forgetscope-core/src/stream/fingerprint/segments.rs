@@ -357,7 +357,10 @@ pub(crate) fn plan_segments(shapes: &[&[u64]], st: &Structure) -> SegPlan {
                 rows: if layout.interleaved {
                     RowMap::Parity { block: a }
                 } else {
-                    RowMap::Split { block: a, at: a / 2 }
+                    RowMap::Split {
+                        block: a,
+                        at: a / 2,
+                    }
                 },
                 col: ColMap::All,
                 n_row: (2 * e) as u32,
