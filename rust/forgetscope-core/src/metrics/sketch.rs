@@ -11,9 +11,12 @@
 //! y = S·w ∈ R^r,   S_ji = ±1,   ‖Sx‖²/r estimates ‖x‖²   (E‖Sx‖²/r = ‖x‖² exactly)
 //! ```
 //!
-//! S is never stored: S_ji is bit (j mod 64) of `mix(k_b + i·γ)` (set = −1), with
-//! b = ⌊j/64⌋, `mix` the splitmix64 finaliser, γ = 0x9E3779B97F4A7C15 and the block key
-//! k_b = mix(seed ^ mix(name_hash + (b+1)·γ)), name_hash = mix(FNV-1a-64(tensor name)). The same
+//! S is never stored. Write j = 64b + 8g + l (l < 8, g < 8) and group the elements in aligned
+//! quads i = 4t + u (u < 4); then S_ji = −1 iff bit 32·(g mod 2) + 4l + u of
+//! `mix(k_b + (4t + ⌊g/2⌋)·γ)` is set — every (j, i) reads its own bit of the four hashes of its
+//! quad (the layout lets one AVX-512 permute serve 8 rows and 4 elements). `mix` is the
+//! splitmix64 finaliser, γ = 0x9E3779B97F4A7C15, the block key is
+//! k_b = mix(seed ^ mix(name_hash + (b+1)·γ)) and name_hash = mix(FNV-1a-64(tensor name)). The same
 //! (seed, name, r) gives the same S for the base and for any candidate, so
 //! S·c − S·w = S·(c − w) and D̂ = ‖S·c − S·w‖/√r estimates D = ‖C − W‖_F. Sketches are linear: the
 //! sketch of a segment (a head's row block, an expert's slice) is the partial sum over its elements,
@@ -46,9 +49,15 @@
 //! the additions round, ≈ 1e-16 relative to ‖W‖, negligible next to the JL error); no fused
 //! multiply-add, so every CPU path rounds identically.
 //!
-//! **Cost.** r additions per element plus one 64-bit hash per element per 64 rows of S; memory
-//! O(r) per accumulator. The kernel is compiled generic, with AVX2 and with AVX-512F (picked at run
-//! time), 4 resp. 8 rows of S per instruction.
+//! **Kernel.** y_j = Σ_i x_i − 2·Σ_{S_ji = −1} x_i per piece of ≤ 512 elements. For each quad the 16
+//! subset sums of its 4 values are formed once; row j then adds the entry its 4 sign bits select.
+//! With AVX-512 that is, per quad and 8 rows, one variable shift, one `vpermt2pd` and one add
+//! (≈ 0.1 vector instructions per element and row instead of 1); the generic and AVX2 paths run
+//! the same arithmetic in the same order (bit-identical results, tested).
+//!
+//! **Cost.** r/4 table additions per element plus one 64-bit hash per element per 64 rows of S;
+//! memory O(r) per accumulator. Measured (`examples/fingerprint_speed.rs`, one core of the 2-vCPU
+//! AVX-512 Xeon, shared): see the README's fingerprint section.
 
 use serde::Serialize;
 
@@ -113,9 +122,16 @@ impl SignKeys {
         self.r
     }
 
-    /// The 64 sign bits of element `i` for rows [64b, 64b+64) (bit l set ⇔ S_{64b+l, i} = −1).
-    pub fn bits(&self, b: usize, i: u64) -> u64 {
-        mix(self.blocks[b].wrapping_add(i.wrapping_mul(GAMMA)))
+    /// S_ji ∈ {−1, +1} (module doc: bit 32·(g mod 2) + 4·l + (i mod 4) of
+    /// mix(k_b + (4⌊i/4⌋ + ⌊g/2⌋)·γ), with j = 64b + 8g + l).
+    pub fn sign(&self, j: usize, i: u64) -> f64 {
+        let (b, g, l) = (j / 64, (j % 64) / 8, j % 8);
+        let w = mix(self.blocks[b].wrapping_add(((i & !3) + (g as u64 >> 1)).wrapping_mul(GAMMA)));
+        if (w >> (32 * (g & 1) + 4 * l + (i & 3) as usize)) & 1 == 1 {
+            -1.0
+        } else {
+            1.0
+        }
     }
 }
 
@@ -129,42 +145,154 @@ pub fn check_dim(r: usize) -> Result<()> {
     Ok(())
 }
 
-/// One 64-row block: `acc[l] += ±x` for every value, sign from bit l of the element's hash.
+/// Elements per piece (the hash scratch, 4 KiB, lives on the stack).
+const PIECE: usize = 512;
+
+/// `hs[k] = mix(key + (first + k)·γ)`: one vectorisable pass (AVX-512DQ multiplies 8 lanes).
 #[inline(always)]
-fn block_body(acc: &mut [f64], key: u64, first: u64, vals: &[f32]) {
-    if let Ok(a) = <&mut [f64; 64]>::try_from(&mut *acc) {
-        // A local copy lets the compiler keep the 64 lanes in registers (AVX-512: 8 zmm).
-        let mut loc = *a;
-        let mut i = first;
-        for &v in vals {
-            let h = mix(key.wrapping_add(i.wrapping_mul(GAMMA)));
-            let xb = f64::from(v).to_bits();
-            for (l, s) in loc.iter_mut().enumerate() {
-                // (h >> l) << 63 moves bit l to the sign bit and clears everything else.
-                *s += f64::from_bits(xb ^ ((h >> l) << 63));
-            }
-            i = i.wrapping_add(1);
+fn fill_hashes(hs: &mut [u64], key: u64, first: u64) {
+    for (k, h) in hs.iter_mut().enumerate() {
+        *h = mix(key.wrapping_add(first.wrapping_add(k as u64).wrapping_mul(GAMMA)));
+    }
+}
+
+/// Σ vals in f64 with 8 lanes (the same code on every path, so it rounds identically).
+#[inline(always)]
+fn piece_total(vals: &[f32]) -> f64 {
+    let mut t = [0f64; 8];
+    let mut it = vals.chunks_exact(8);
+    for c in &mut it {
+        for j in 0..8 {
+            t[j] += f64::from(c[j]);
         }
-        *a = loc;
-    } else {
-        let mut i = first;
-        for &v in vals {
-            let h = mix(key.wrapping_add(i.wrapping_mul(GAMMA)));
-            let xb = f64::from(v).to_bits();
-            for (l, s) in acc.iter_mut().enumerate() {
-                *s += f64::from_bits(xb ^ ((h >> l) << 63));
-            }
-            i = i.wrapping_add(1);
+    }
+    for (j, &v) in it.remainder().iter().enumerate() {
+        t[j] += f64::from(v);
+    }
+    ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]))
+}
+
+/// The 16 subset sums of one quad (x₀..x₃; absent elements are 0): for m < 8,
+/// T[m] = (x₀·m₀ + x₁·m₁) + x₂·m₂ and T[8+m] = T[m] + x₃ (mᵤ = bit u of m; "x·0" is +0.0), the
+/// association the AVX-512 kernel uses, so both paths round alike.
+#[inline(always)]
+fn quad_table(x: [f64; 4]) -> [f64; 16] {
+    let sel = |m: usize, u: usize| if (m >> u) & 1 == 1 { x[u] } else { 0.0 };
+    let mut t = [0f64; 16];
+    for m in 0..8 {
+        t[m] = (sel(m, 0) + sel(m, 1)) + sel(m, 2);
+        t[8 + m] = t[m] + x[3];
+    }
+    t
+}
+
+/// The quad [4q, 4q+4) of the run `vals` starting at element `first` (zeros outside the run).
+#[inline(always)]
+fn quad(vals: &[f32], first: u64, q: u64) -> [f64; 4] {
+    let mut x = [0f64; 4];
+    for (u, xu) in x.iter_mut().enumerate() {
+        let i = 4 * q + u as u64;
+        if i >= first && i - first < vals.len() as u64 {
+            *xu = f64::from(vals[(i - first) as usize]);
+        }
+    }
+    x
+}
+
+/// S_j += Σ of the run's elements whose sign in row j is −1, for the ≤ 64 rows of `s` of one
+/// block; `hs[k]` is the hash of element 4·q0 + k (q0 = the run's first quad).
+#[inline(always)]
+fn add_quads(s: &mut [f64], hs: &[u64], vals: &[f32], first: u64, q0: u64, nq: u64) {
+    for q in q0..q0 + nq {
+        let t = quad_table(quad(vals, first, q));
+        let w = &hs[4 * (q - q0) as usize..];
+        for (j, sj) in s.iter_mut().enumerate() {
+            let (g, l) = (j / 8, j % 8);
+            let idx = (w[g >> 1] >> (32 * (g & 1) + 4 * l)) & 15;
+            *sj += t[idx as usize];
         }
     }
 }
 
+/// [`add_quads`] for a full 64-row block with explicit AVX-512: per quad, the 16 subset sums in
+/// two zmm (3 adds), and per 8 rows one variable shift (the 4-bit indices), one two-table permute
+/// (`vpermt2pd`) and one add — 3 vector instructions per 4 elements and 8 rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn add_quads_avx512(s: &mut [f64; 64], hs: &[u64], vals: &[f32], first: u64, q0: u64, nq: u64) {
+    use std::arch::x86_64::*;
+    let mut acc: [__m512d; 8] = std::array::from_fn(|g| {
+        // SAFETY: s holds 64 f64; unaligned load of 8 at offset 8g.
+        unsafe { _mm512_loadu_pd(s.as_ptr().add(8 * g)) }
+    });
+    let shifts: [__m512i; 2] = std::array::from_fn(|h| {
+        let b = 32 * h as i64;
+        _mm512_setr_epi64(b, b + 4, b + 8, b + 12, b + 16, b + 20, b + 24, b + 28)
+    });
+    for q in q0..q0 + nq {
+        let x = quad(vals, first, q);
+        let x0 = _mm512_maskz_mov_pd(0b1010_1010, _mm512_set1_pd(x[0]));
+        let x1 = _mm512_maskz_mov_pd(0b1100_1100, _mm512_set1_pd(x[1]));
+        let x2 = _mm512_maskz_mov_pd(0b1111_0000, _mm512_set1_pd(x[2]));
+        let lo = _mm512_add_pd(_mm512_add_pd(x0, x1), x2);
+        let hi = _mm512_add_pd(lo, _mm512_set1_pd(x[3]));
+        let w = &hs[4 * (q - q0) as usize..];
+        for (g, a) in acc.iter_mut().enumerate() {
+            let idx = _mm512_srlv_epi64(_mm512_set1_epi64(w[g >> 1] as i64), shifts[g & 1]);
+            *a = _mm512_add_pd(*a, _mm512_permutex2var_pd(lo, idx, hi));
+        }
+    }
+    for (g, a) in acc.iter().enumerate() {
+        // SAFETY: as above.
+        unsafe { _mm512_storeu_pd(s.as_mut_ptr().add(8 * g), *a) };
+    }
+}
+
 #[inline(always)]
-fn update_body(acc: &mut [f64], keys: &[u64], first: u64, vals: &[f32]) {
-    for (b, &key) in keys.iter().enumerate() {
-        let lo = 64 * b;
-        let hi = (lo + 64).min(acc.len());
-        block_body(&mut acc[lo..hi], key, first, vals);
+fn update_body(acc: &mut [f64], keys: &[u64], first: u64, vals: &[f32], avx512: bool) {
+    // Quads are aligned to absolute element indices, so an element's signs never depend on
+    // where a run starts; pieces end on quad boundaries.
+    let mut scratch = [0u64; PIECE];
+    let end = first + vals.len() as u64;
+    let mut pos = first;
+    while pos < end {
+        let q0 = pos / 4;
+        let q1 = (q0 + (PIECE / 4) as u64).min(end.div_ceil(4));
+        let piece_end = (4 * q1).min(end);
+        let piece = &vals[(pos - first) as usize..(piece_end - first) as usize];
+        let nq = q1 - q0;
+        let total = piece_total(piece);
+        let hs = &mut scratch[..4 * nq as usize];
+        for (b, &key) in keys.iter().enumerate() {
+            fill_hashes(hs, key, 4 * q0);
+            let lo = 64 * b;
+            let hi = (lo + 64).min(acc.len());
+            let mut s = [0f64; 64];
+            // A partial block (r mod 64 rows) runs the full 64-row kernel and keeps its rows:
+            // row j's sum does not depend on the other rows.
+            #[cfg(target_arch = "x86_64")]
+            let done = if avx512 {
+                // SAFETY: `avx512` is only true when the CPU has AVX-512F.
+                unsafe { add_quads_avx512(&mut s, hs, piece, pos, q0, nq) };
+                true
+            } else {
+                false
+            };
+            let sb = &mut s[..hi - lo];
+            #[cfg(not(target_arch = "x86_64"))]
+            let done = {
+                let _ = avx512;
+                false
+            };
+            if !done {
+                add_quads(sb, hs, piece, pos, q0, nq);
+            }
+            // y_j = Σx − 2·Σ_{S_ji = −1} x.
+            for (a, sj) in acc[lo..hi].iter_mut().zip(sb.iter()) {
+                *a += total - (sj + sj);
+            }
+        }
+        pos = piece_end;
     }
 }
 
@@ -176,56 +304,104 @@ pub fn sketch_update(acc: &mut [f64], keys: &SignKeys, first: u64, vals: &[f32])
     let acc = &mut acc[..n];
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            #[target_feature(enable = "avx512f")]
-            unsafe fn avx512(acc: &mut [f64], keys: &[u64], first: u64, vals: &[f32]) {
-                update_body(acc, keys, first, vals)
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+        {
+            #[target_feature(enable = "avx512f,avx512dq")]
+            fn avx512(acc: &mut [f64], keys: &[u64], first: u64, vals: &[f32]) {
+                update_body(acc, keys, first, vals, true)
             }
-            // SAFETY: the CPU supports AVX-512F (checked just above).
+            // SAFETY: the CPU supports AVX-512F and DQ (checked just above).
             return unsafe { avx512(acc, &keys.blocks, first, vals) };
         }
         if std::arch::is_x86_feature_detected!("avx2") {
             #[target_feature(enable = "avx2")]
-            unsafe fn avx2(acc: &mut [f64], keys: &[u64], first: u64, vals: &[f32]) {
-                update_body(acc, keys, first, vals)
+            fn avx2(acc: &mut [f64], keys: &[u64], first: u64, vals: &[f32]) {
+                update_body(acc, keys, first, vals, false)
             }
             // SAFETY: the CPU supports AVX2 (checked just above).
             return unsafe { avx2(acc, &keys.blocks, first, vals) };
         }
     }
-    update_body(acc, &keys.blocks, first, vals)
+    update_body(acc, &keys.blocks, first, vals, false)
 }
 
 /// Generic path only, for tests (the dispatched paths must agree with it bit for bit).
 #[cfg(test)]
 fn sketch_update_generic(acc: &mut [f64], keys: &SignKeys, first: u64, vals: &[f32]) {
-    update_body(acc, &keys.blocks, first, vals)
+    update_body(acc, &keys.blocks, first, vals, false)
+}
+
+#[inline(always)]
+fn hash_sq_body(key: u64, first: u64, vals: &[f32]) -> (u64, f64) {
+    // Eight independent lanes: the hash sum is order-free and the f64 sums avoid one long
+    // dependency chain; both vectorise.
+    let mut h = [0u64; 8];
+    let mut s = [0f64; 8];
+    let mut it = vals.chunks_exact(8);
+    let mut i = first;
+    let elem = |i: u64, v: f32| {
+        // −0.0 and +0.0 are the same value: hash them alike.
+        let bits = if v == 0.0 {
+            0u64
+        } else {
+            u64::from(v.to_bits())
+        };
+        mix(key.wrapping_add(i.wrapping_mul(GAMMA)) ^ bits.wrapping_mul(HASH_MUL))
+    };
+    for c in &mut it {
+        for j in 0..8 {
+            h[j] = h[j].wrapping_add(elem(i.wrapping_add(j as u64), c[j]));
+            let x = f64::from(c[j]);
+            s[j] += x * x;
+        }
+        i = i.wrapping_add(8);
+    }
+    for (j, &v) in it.remainder().iter().enumerate() {
+        h[j] = h[j].wrapping_add(elem(i.wrapping_add(j as u64), v));
+        let x = f64::from(v);
+        s[j] += x * x;
+    }
+    let hs = h.iter().fold(0u64, |a, &b| a.wrapping_add(b));
+    (
+        hs,
+        ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])),
+    )
 }
 
 /// Content hash (wrapping sum of per-element hashes, order-free) and Σ x² (f64, 8 lanes) of
 /// elements `first..first+len` of the tensor of `keys`.
 pub fn hash_and_sq(keys: &SignKeys, first: u64, vals: &[f32]) -> (u64, f64) {
-    let mut h = 0u64;
-    let mut acc = [0f64; 8];
-    let mut i = first;
-    for c in vals.chunks(8) {
-        for (j, &v) in c.iter().enumerate() {
-            // −0.0 and +0.0 are the same value: hash them alike.
-            let bits = if v == 0.0 {
-                0u64
-            } else {
-                u64::from(v.to_bits())
-            };
-            h = h.wrapping_add(mix(
-                keys.hash_key.wrapping_add(i.wrapping_mul(GAMMA)) ^ bits.wrapping_mul(HASH_MUL)
-            ));
-            let x = f64::from(v);
-            acc[j] += x * x;
-            i = i.wrapping_add(1);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+        {
+            #[target_feature(enable = "avx512f,avx512dq")]
+            fn avx512(key: u64, first: u64, vals: &[f32]) -> (u64, f64) {
+                hash_sq_body(key, first, vals)
+            }
+            // SAFETY: the CPU supports AVX-512F and DQ (checked just above).
+            return unsafe { avx512(keys.hash_key, first, vals) };
         }
     }
-    let sq = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    (h, sq)
+    hash_sq_body(keys.hash_key, first, vals)
+}
+
+/// Σ x² in f64 with 8 independent lanes.
+pub fn sum_sq(vals: &[f32]) -> f64 {
+    let mut s = [0f64; 8];
+    let mut it = vals.chunks_exact(8);
+    for c in &mut it {
+        for j in 0..8 {
+            let x = f64::from(c[j]);
+            s[j] += x * x;
+        }
+    }
+    for (j, &v) in it.remainder().iter().enumerate() {
+        s[j] += f64::from(v) * f64::from(v);
+    }
+    ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
 }
 
 /// The unscaled sketch S·x of a whole flattened tensor (elements 0..n), for tests and tooling.
@@ -349,11 +525,7 @@ mod tests {
     use super::*;
 
     fn dense_sign(keys: &SignKeys, j: usize, i: u64) -> f64 {
-        if (keys.bits(j / 64, i) >> (j % 64)) & 1 == 1 {
-            -1.0
-        } else {
-            1.0
-        }
+        keys.sign(j, i)
     }
 
     #[test]

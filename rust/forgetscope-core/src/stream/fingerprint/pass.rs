@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use super::segments::{ColMap, Segmentation};
 use crate::error::{Error, Result};
-use crate::metrics::sketch::{hash_and_sq, sketch_update, SignKeys};
+use crate::metrics::sketch::{hash_and_sq, sketch_update, sum_sq, SignKeys};
 use crate::source::{Checkpoint, LogicalTensor};
 use crate::stream::budget::Budget;
 use crate::stream::plan::chunk_elems;
@@ -123,7 +123,7 @@ impl Partial {
             let row = pos / cols;
             let re = end.min((row + 1) * cols);
             let part = &vals[(pos - first) as usize..(re - first) as usize];
-            let sq: f64 = part.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+            let sq = sum_sq(part);
             let i = (row - self.first_row) as usize;
             if self.row_sq.len() <= i {
                 self.row_sq.resize(i + 1, 0.0);
