@@ -430,19 +430,24 @@ def _mix_np(z: np.ndarray) -> np.ndarray:
 
 
 def numpy_sign_matrix(name: str, seed: int, r: int, n: int) -> np.ndarray:
-    """S (r x n, entries ±1) exactly as metrics::sketch documents it."""
+    """S (r x n, entries ±1) exactly as metrics::sketch documents it: with j = 64b + 8g + l and
+    i = 4t + u, S[j, i] = -1 iff bit 32(g mod 2) + 4l + u of mix(k_b + (4t + g // 2)·γ) is set."""
     h = 0xCBF29CE484222325
-    for b in name.encode():
-        h = ((h ^ b) * 0x100000001B3) & M64
+    for c in name.encode():
+        h = ((h ^ c) * 0x100000001B3) & M64
     nh = _mix_int(h)
     i = np.arange(n, dtype=np.uint64)
+    quad_base = (i // np.uint64(4)) * np.uint64(4)
+    u = i % np.uint64(4)
     rows = []
     for b in range((r + 63) // 64):
         key = _mix_int(seed ^ _mix_int((nh + (b + 1) * GAMMA) & M64))
-        with np.errstate(over="ignore"):
-            bits = _mix_np(np.uint64(key) + i * np.uint64(GAMMA))
-        for l in range(min(64, r - 64 * b)):
-            rows.append(np.where((bits >> np.uint64(l)) & np.uint64(1), -1.0, 1.0))
+        for j in range(min(64, r - 64 * b)):
+            g, l = j // 8, j % 8
+            with np.errstate(over="ignore"):
+                w = _mix_np(np.uint64(key) + (quad_base + np.uint64(g >> 1)) * np.uint64(GAMMA))
+            bit = np.uint64(32 * (g & 1) + 4 * l) + u
+            rows.append(np.where((w >> bit) & np.uint64(1), -1.0, 1.0))
     return np.stack(rows)
 
 
