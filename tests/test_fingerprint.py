@@ -6,7 +6,7 @@ kv heads, experts and router rows):
 - exact quantities equal analyze's: base and candidate norms, per-head / per-expert base norms,
   router drift, subspace overlap (rtol 1e-10), bit-identical tensors exactly 0;
 - estimated fro_delta / rel_delta / head drift / expert drift / layer drift within the documented
-  bound (``forgetscope.fingerprint.error_bound``) for every row, and over many seeds a failure count
+  bound (``forgetscope.fingerprints.error_bound``) for every row, and over many seeds a failure count
   consistent with the bound's probability δ (and D̂² unbiased);
 - planted heads / experts still rank first;
 - the artefact is small (its size relative to the checkpoint), readable by our reader and by the
@@ -31,7 +31,7 @@ pytest.importorskip("transformers")
 
 import forgetscope  # noqa: E402
 from forgetscope.exceptions import InvalidCheckpointError, UsageError  # noqa: E402
-from forgetscope.fingerprint import error_bound, sketch  # noqa: E402
+from forgetscope.fingerprints import error_bound, sketch  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning",
@@ -467,3 +467,12 @@ def test_sketch_matches_numpy(m, n, r, seed, name, data_seed, scale):
     np.testing.assert_allclose(yb - ya, S @ d, rtol=0, atol=4 * tol)
     est2 = float(np.sum((yb - ya) ** 2) / r)
     assert est2 == pytest.approx(float(np.sum((S @ d) ** 2) / r), rel=1e-6, abs=1e-9 * scale * scale)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import forgetscope.fingerprints as m
+
+    result = doctest.testmod(m, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

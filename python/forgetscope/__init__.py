@@ -15,7 +15,7 @@ from .exceptions import (
     UnsafePathError,
     UsageError,
 )
-from .fingerprint import Fingerprint, compare_fingerprint, fingerprint, load_fingerprint
+from .fingerprints import Fingerprint, compare_fingerprint, fingerprint, load_fingerprint
 from .results import Analysis, AnalysisTable, HEResults, Inspection, TrajectoryResults, load_results
 from . import check  # forgetscope.check.check(analysis_or_dir, policy): CI gates
 from .routing import (

@@ -50,7 +50,7 @@ def _bar(args: argparse.Namespace) -> ProgressBar:
 
 
 def run_fingerprint(args: argparse.Namespace) -> int:
-    from .fingerprint import fingerprint
+    from .fingerprints import fingerprint
 
     bar = _bar(args)
     try:
@@ -76,7 +76,7 @@ def run_fingerprint(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from .fingerprint import compare_fingerprint
+    from .fingerprints import compare_fingerprint
 
     bar = _bar(args)
     try:

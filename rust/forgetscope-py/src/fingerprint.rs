@@ -1,6 +1,6 @@
 //! Base fingerprints: argument conversion for `forgetscope.fingerprint` / `compare_fingerprint`,
 //! the JL sketch kernel and its error bound (for tests and tooling). Defaults and validation
-//! messages live in `forgetscope.fingerprint`.
+//! messages live in `forgetscope.fingerprints`.
 
 use std::path::PathBuf;
 
@@ -142,7 +142,7 @@ fn compare_fingerprint<'py>(
     Ok((table_to_dict(py, traj)?, out.into_any(), meta.to_string()))
 }
 
-/// The unscaled sign sketch S·x of a flattened float32 tensor (see `forgetscope.fingerprint`).
+/// The unscaled sign sketch S·x of a flattened float32 tensor (see `forgetscope.fingerprints`).
 #[pyfunction]
 #[pyo3(signature = (x, *, sketch_dim, seed, name))]
 fn jl_sketch<'py>(
