@@ -141,6 +141,14 @@ fn round_trip_exact_parts_and_bounds() {
     assert_eq!(back.whole.len(), 2, "two routers kept whole");
     assert!(!back.svd.is_empty());
 
+    // The thread count changes nothing (chunks are merged in order).
+    let mut one = fp_opts(None);
+    one.run.threads = 1;
+    let serial = fingerprint(&f.base, &one, &Control::new()).unwrap();
+    for (a, b) in fp.tensors.iter().zip(&serial.tensors) {
+        assert_eq!(a.sketch, b.sketch, "{}", a.name);
+    }
+
     // Chunking does not change hashes and changes sketches only by rounding.
     let small = fingerprint(&f.base, &fp_opts(Some(4096)), &Control::new()).unwrap();
     for (a, b) in fp.tensors.iter().zip(&small.tensors) {
