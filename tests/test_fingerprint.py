@@ -9,6 +9,8 @@ kv heads, experts and router rows):
   bound (``forgetscope.fingerprints.error_bound``) for every row, and over many seeds a failure count
   consistent with the bound's probability δ (and D̂² unbiased);
 - planted heads / experts still rank first;
+- `check` on the comparison passes / fails exactly like `check` on the full analysis for thresholds
+  outside the documented bound (router rules: identical values);
 - the artefact is small (its size relative to the checkpoint), readable by our reader and by the
   reference safetensors reader;
 - bad .fsfp files (truncated, wrong schema version, sketch-dimension mismatch, not a fingerprint)
@@ -476,3 +478,48 @@ def test_docstring_examples():
 
     result = doctest.testmod(m, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# check on a fingerprint comparison agrees with check on the full analysis
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe"])
+def test_check_on_fingerprint_agrees_with_full_check(fp_case, variant, tmp_path, cli):
+    """Thresholds at true·(1 ± 2ρ): outside the documented bound on either side, so the policy must
+    pass (resp. fail) identically on the full analysis and on the fingerprint comparison; exact
+    tables (router) agree to the last digit."""
+    check = pytest.importorskip("forgetscope.check").check
+    _, fp, cmp, ana = fp_case(variant)
+    rho = cmp.meta["bound"]["rel_error"]
+    specs = [("tensor", "rel_delta", ana.by_tensor(), {"exclude": ["*embed_tokens*", "lm_head.*"]}),
+             ("head", "rel_drift", ana.by_head(), {}), ("expert", "rel_drift", ana.by_expert(), {}),
+             ("layer", "mlp_rel_drift", ana.by_layer(), {}), ("router", "rel_drift", ana.by_router(), {})]
+    for side, factor in (("pass", 1 + 2 * rho), ("fail", 1 - 2 * rho)):
+        rules = []
+        for table, metric, t, sel in specs:
+            vals = [r[metric] for r in t.rows() if not (sel and any(x in r.get("tensor", "") for x in ("embed", "lm_head")))]
+            true_max = float(np.nanmax(vals))
+            rules.append(dict(name=f"{table} {metric}", table=table, metric=metric, agg="max",
+                              max=true_max * factor, nan="ignore", **sel))
+        policy = {"version": 1, "name": side, "rule": rules}
+        full, est = check(ana, policy), check(cmp, policy)
+        for a, b in zip(full.rules, est.rules):
+            assert a.status == b.status == ("pass" if side == "pass" else "fail"), (side, a.name, a.message, b.message)
+            if a.table == "router":
+                assert b.observed == pytest.approx(a.observed, rel=1e-12)
+            else:
+                assert abs(b.observed - a.observed) <= rho * a.observed, (a.name, a.observed, b.observed)
+    # The same through the CLI, on a compare-fingerprint bundle.
+    out = tmp_path / "bundle"
+    assert cli(["compare-fingerprint", fp, structure_case_ft2(cmp), "-o", out, "--format", "json", "--no-report",
+                "-q", "--threads", "2"]).returncode == 0
+    pol = tmp_path / "p.toml"
+    pol.write_text('version = 1\n[[rule]]\nname = "heads"\ntable = "head"\nmetric = "rel_drift"\nmax = 1e-12\n')
+    p = cli(["check", "--results", out, "--policy", pol])
+    assert p.returncode == 1, p.stdout + p.stderr     # planted heads moved: the gate fails, as on the full bundle
+
+
+def structure_case_ft2(cmp) -> str:
+    """The candidate path recorded in a comparison."""
+    return cmp.by_tensor().checkpoints[1]["path"]
