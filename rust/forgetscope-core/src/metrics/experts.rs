@@ -83,7 +83,7 @@ impl ExpertSums {
         let half = n_out / 2;
         let is_gate = |o: usize| {
             if layout.interleaved {
-                o % 2 == 0
+                o.is_multiple_of(2)
             } else {
                 o < half
             }

@@ -682,7 +682,7 @@ impl RoutingRule {
             )));
         }
         if let Some((g, tg)) = self.groups {
-            if g == 0 || self.n_experts % g != 0 || tg == 0 || tg > g {
+            if g == 0 || !self.n_experts.is_multiple_of(g) || tg == 0 || tg > g {
                 return Err(config_err(format!(
                     "{f}: n_group = {g} must divide n_experts = {} and 1 <= topk_group = {tg} <= n_group",
                     self.n_experts

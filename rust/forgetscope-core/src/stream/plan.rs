@@ -57,7 +57,7 @@ pub(crate) fn chunk_elems(per_ckpt: &[&LogicalTensor], chunk_bytes: u64) -> u64 
     let align = per_ckpt.iter().map(|t| t.chunk_align()).max().unwrap_or(1);
     let cols = per_ckpt[0].cols();
     let fit = (chunk_bytes / max_b).max(align);
-    if cols <= fit && cols % align == 0 {
+    if cols <= fit && cols.is_multiple_of(align) {
         fit / cols * cols
     } else {
         (fit / 4096).max(1) * 4096

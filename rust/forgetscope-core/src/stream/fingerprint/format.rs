@@ -223,7 +223,7 @@ pub fn write_fingerprint(fp: &Fingerprint, out: &Path) -> Result<u64> {
     }
     let mut text = Value::Object(head).to_string().into_bytes();
     // Align the data section to 8 bytes, as the reference writer does.
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
 
