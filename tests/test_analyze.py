@@ -77,9 +77,9 @@ def test_analyze_single_checkpoint_and_cli(ckpts, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "largest HE change per layer" in r.stdout
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    # per-layer drift is always there; heads/experts/spectra were not asked for
+    # per-layer drift is always there; heads/experts/spectra were not asked for; report.html by default
     assert names == ["analysis.json", "hyperspherical_energy.json", "hyperspherical_energy.parquet", "layers.json",
-                     "layers.parquet", "trajectory.json", "trajectory.parquet"]
+                     "layers.parquet", "report.html", "trajectory.json", "trajectory.parquet"]
     d = json.loads((tmp_path / "out" / "hyperspherical_energy.json").read_text())
     assert d["kind"] == "hyperspherical_energy" and "delta_s1" in d["columns"]
     loaded = fs.load_results(tmp_path / "out" / "hyperspherical_energy.json")

@@ -162,6 +162,8 @@ def analyze(
     spectra_power_iters: int = 1,
     spectra_exact_max_dim: int = 512,
     severe_z: float = 3.0,
+    router_hidden: Optional[Any] = None,
+    router_hidden_ckpt: Optional[Any] = None,
     he: Optional[bool] = None,
     he_max_neurons: int = 4096,
     he_half_space: bool = False,
@@ -188,6 +190,10 @@ def analyze(
         spectra_oversample, spectra_power_iters: randomized-SVD oversampling and power iterations.
         spectra_exact_max_dim: matrices with min(m, n) at most this get an exact spectrum.
         severe_z: robust z-score above which a head counts as severely disrupted.
+        router_hidden: router-input hidden states per MoE layer (see
+            :func:`forgetscope.load_hidden_states`) for data-dependent routing drift of the last
+            checkpoint against the base; adds the ``routing`` table.
+        router_hidden_ckpt: the fine-tuned model's own hidden states for the same tokens (mode ii).
         he: deprecated switch for ``"hyperspherical_energy"`` (``None``: follow ``metrics``).
         he_max_neurons: rows sampled per matrix for HE (0 = all).
         he_half_space: the sign-invariant HE variant.
@@ -239,6 +245,17 @@ def analyze(
         table_meta = {"schema_version": meta["schema_version"], "structure": meta["structure"],
                       "conventions": meta["conventions"]}
         tables = {name: AnalysisTable(name, c, table_meta) for name, c in raw_tables.items()}
+    if router_hidden is not None:
+        if not checkpoints:
+            raise UsageError("router_hidden needs a base and a checkpoint")
+        from .routing import checkpoint_routing_drift
+
+        routing = checkpoint_routing_drift(
+            base, checkpoints[-1], router_hidden, router_hidden_ckpt,
+            model_config=model_config, threads=threads, allow_external_symlinks=allow_external_symlinks,
+        )
+        routing.columns["checkpoint"] = np.full(len(routing), len(checkpoints), dtype=np.int64)
+        tables["routing"] = routing
     he_res = None
     if want_he:
         cols, he_meta = _core.he_trajectory(

@@ -12,7 +12,7 @@ import os
 import sys
 import tempfile
 import traceback
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from . import __version__
 from ._display import escape
@@ -48,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"forgetscope {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    d = sub.add_parser("demo", help="write a small sharded MoE base + two fine-tunes and show their trajectory")
+    d = sub.add_parser("demo", help="write a small sharded MoE base + two fine-tunes and analyze them (heads, experts, routers, spectra)")
     d.add_argument("--dir", help="write the demo checkpoints here and keep them (default: a temporary directory)")
     d.add_argument("-o", "--output", action="append", default=[], help="also write results (.json, .csv, .parquet)")
-    _common_run(d)
+    _common_run(d, memory_default="2GiB")
 
     i = sub.add_parser("inspect", help="validate a checkpoint and list its tensors")
     i.add_argument("checkpoint", help="a .safetensors file, a checkpoint directory, an index, or a HF snapshot")
@@ -82,13 +82,41 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--spectra-power-iters", type=int, default=1, help="randomized-SVD power iterations (default 1)")
     a.add_argument("--spectra-exact-max-dim", type=int, default=512,
                    help="exact spectrum when min(m, n) is at most this (default 512)")
+    a.add_argument("--router-hidden", metavar="PATH",
+                   help="router-input hidden states per MoE layer (.safetensors, .npz or a directory of layer_N.npy) "
+                        "for data-dependent routing drift of the last checkpoint")
+    a.add_argument("--router-hidden-ckpt", metavar="PATH",
+                   help="the fine-tuned model's own hidden states for the same tokens (total routing change)")
     a.add_argument("--severe-z", type=float, default=3.0, help="robust z above which a head is severely disrupted (default 3)")
     a.add_argument("--no-he", action="store_true", help=argparse.SUPPRESS)
     a.add_argument("--he-max-neurons", type=int, default=4096, help="rows sampled per matrix for HE (0 = all; default 4096)")
     a.add_argument("--he-half-space", action="store_true", help="sign-invariant (half-space) HE")
     a.add_argument("--seed", type=int, default=0, help="seed of randomized SVD and HE sampling (default 0)")
     a.add_argument("--top", type=int, default=1, help="entries shown per layer (default 1)")
+    a.add_argument("--probe", default=None, metavar="default|FILE",
+                   help="also run the models on probe texts (needs forgetscope[torch]): CKA, collapse, attention "
+                        "entropy, routing drift; 'default' = the built-in set, or a .txt/.jsonl file")
+    a.add_argument("--probe-max-tokens", type=int, default=128, help="tokens kept per probe text (default 128)")
+    a.add_argument("--probe-texts", type=int, default=None, help="use the first N probe texts (default all)")
+    a.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="device for --probe (default: cuda when available)")
     _common_run(a, memory_default="2GiB")
+    from .report import cli as report_cli
+
+    report_cli.add_analyze_options(a)
+    report_cli.add_parser(sub)
+    from .check.command import add_parser as _add_check
+
+    _add_check(sub, _common_run)
+    from . import outputs
+
+    outputs.add_parser(sub)
+    from .lrcp import cli as lrcp_cli
+
+    lrcp_cli.add_parser(sub)
+    from . import fingerprint_cli
+
+    fingerprint_cli.add_parsers(sub, _common_run)
     return p
 
 
@@ -118,6 +146,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             args.base, *args.checkpoints, metrics=metrics, model_config=args.model_config,
             spectra_k=args.spectra_k, spectra_power_iters=args.spectra_power_iters,
             spectra_exact_max_dim=args.spectra_exact_max_dim, severe_z=args.severe_z,
+            router_hidden=args.router_hidden, router_hidden_ckpt=args.router_hidden_ckpt,
             he_max_neurons=args.he_max_neurons, he_half_space=args.he_half_space, seed=args.seed,
             threads=args.threads, memory_budget=args.memory_budget,
             allow_external_symlinks=args.allow_external_symlinks, progress=stage,
@@ -125,11 +154,41 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     finally:
         for b in bars:
             b.close()
+    if args.probe is not None:
+        from .capture._cli import add_capture
+
+        add_capture(res, args)
     if args.output:
+        from .report import cli as report_cli
+
+        report_cli.after_analyze(res, args, [args.base, *args.checkpoints])
         res.save(args.output, formats=args.format or ("json", "parquet"))
+        report_cli.write_analyze_report(res, args)
     if not args.quiet:
         print(res.summary(top=args.top))
+        if args.probe is not None:
+            from .capture import summary as capture_summary
+
+            print(capture_summary(res, top=max(args.top, 3)))
     return EXIT_OK
+
+
+def _cmd_outputs(args: argparse.Namespace) -> int:
+    from . import outputs
+
+    return outputs.run(args)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import cli as report_cli
+
+    return report_cli.run(args)
+
+
+def _cmd_lrcp(args: argparse.Namespace) -> int:
+    from .lrcp import cli as lrcp_cli
+
+    return lrcp_cli.run(args)
 
 
 def _run_trajectory(paths: Sequence[str], args: argparse.Namespace) -> int:
@@ -150,17 +209,33 @@ def _run_trajectory(paths: Sequence[str], args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_demo_analysis(paths: Dict[str, str], args: argparse.Namespace) -> int:
+    """The demo's main job: every weight metric over base → ft1 → ft2, then the summary."""
+    from .api import analyze
+
+    bar = ProgressBar(enabled=None if not args.quiet else False)
+    try:
+        res = analyze(paths["base"], paths["ft1"], paths["ft2"], threads=args.threads,
+                      memory_budget=args.memory_budget, progress=lambda _stage: bar)
+    finally:
+        bar.close()
+    for out in args.output:
+        res.trajectory.save(out)
+    if not args.quiet:
+        print(res.summary(top=1))
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import write_demo
 
     if args.dir:
-        paths = write_demo(args.dir)
-        return _run_trajectory([paths["base"], paths["ft1"], paths["ft2"]], args)
+        return _run_demo_analysis(write_demo(args.dir), args)
     with tempfile.TemporaryDirectory(prefix="forgetscope-demo-") as tmp:
         paths = write_demo(tmp)
         if not args.quiet:
-            print(f"demo: wrote a sharded bf16 MoE base and two fine-tunes under {tmp}")
-        return _run_trajectory([paths["base"], paths["ft1"], paths["ft2"]], args)
+            print(f"demo: wrote a sharded bf16 Mixtral-style base and two fine-tunes under {tmp}")
+        return _run_demo_analysis(paths, args)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -216,7 +291,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
-        handler = {"demo": _cmd_demo, "inspect": _cmd_inspect, "analyze": _cmd_analyze, "trajectory": lambda a: _run_trajectory([a.base, *a.checkpoints], a)}
+        from .check.command import run as _cmd_check
+
+        handler = {"check": _cmd_check, "demo": _cmd_demo, "inspect": _cmd_inspect, "analyze": _cmd_analyze,
+                   "report": _cmd_report, "outputs": _cmd_outputs, "lrcp": _cmd_lrcp,
+                   "trajectory": lambda a: _run_trajectory([a.base, *a.checkpoints], a)}
+        from .fingerprint_cli import HANDLERS as _fingerprint_handlers
+
+        handler.update(_fingerprint_handlers)
         return handler[args.command](args)
     except KeyboardInterrupt:
         print("forgetscope: interrupted", file=sys.stderr)

@@ -14,6 +14,7 @@ from typing import Dict
 
 import numpy as np
 
+from ._io import atomic_write
 from .safetensors_io import save_sharded, to_bf16
 
 CONFIG = {
@@ -101,7 +102,7 @@ def write_demo(directory: str) -> Dict[str, str]:
     for name, weights in (("base", base), ("ft1", ft1), ("ft2", ft2)):
         d = os.path.join(directory, name)
         save_sharded(d, {k: to_bf16(v) for k, v in weights.items()}, n_shards=3)
-        with open(os.path.join(d, "config.json"), "w", encoding="utf-8") as f:
+        with atomic_write(os.path.join(d, "config.json")) as f:
             json.dump(CONFIG, f, indent=2)
         paths[name] = d
     return paths

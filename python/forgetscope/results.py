@@ -355,7 +355,9 @@ class AnalysisTable(_Table):
 
 
 #: Table names of an analysis, in report order.
-ANALYSIS_TABLES = ("heads", "experts", "routers", "layers", "spectra", "subspaces")
+ANALYSIS_TABLES = ("heads", "experts", "routers", "layers", "spectra", "subspaces", "routing",
+                   # activation capture (forgetscope.capture, --probe; needs the torch extra)
+                   "cka", "collapse", "attention_entropy")
 
 
 class Analysis:
@@ -405,6 +407,10 @@ class Analysis:
     def by_layer(self) -> AnalysisTable:
         """Per layer and checkpoint: drift, severe-head fraction, expert and router summaries."""
         return self.tables["layers"]
+
+    def by_routing(self) -> AnalysisTable:
+        """Data-dependent routing drift per MoE layer and mode (when router hidden states were given)."""
+        return self.tables["routing"]
 
     def spectra(self) -> AnalysisTable:
         """Spectral summary of W_t (``matrix == "weight"``) and of W_t - W_0 (``"delta"``)."""

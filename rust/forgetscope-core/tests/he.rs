@@ -484,7 +484,7 @@ fn zero_rows_excluded_and_counted() {
     let mut z = Vec::new();
     for i in 0..n {
         if i % 7 == 2 {
-            z.extend(std::iter::repeat(0f32).take(d));
+            z.extend(std::iter::repeat_n(0f32, d));
         }
         z.extend_from_slice(&w[i * d..(i + 1) * d]);
     }
@@ -1111,7 +1111,7 @@ fn principal_directions_rank_edge_cases() {
     }
     // Zero neurons are excluded and counted.
     let mut z = w.clone();
-    z.extend(std::iter::repeat(0f32).take(2 * d));
+    z.extend(std::iter::repeat_n(0f32, 2 * d));
     let p = principal_directions(&z, n + 2, d, NeuronAxis::Rows, 0.5, 1).unwrap();
     assert_eq!((p.n_neurons, p.n_zero), (n, 2));
     assert!((p.eigenvalues.iter().sum::<f64>() - 1.0).abs() < 1e-12);

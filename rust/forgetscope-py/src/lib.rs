@@ -5,7 +5,9 @@
 mod analyze;
 mod convert;
 mod errors;
+mod fingerprint;
 mod metrics;
+mod routing;
 mod run;
 
 use std::path::PathBuf;
@@ -183,5 +185,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?)?;
     m.add_class::<metrics::PyStreamingCka>()?;
     m.add_class::<metrics::PyMinibatchCka>()?;
+    routing::register(m)?;
+    fingerprint::register(m)?;
     Ok(())
 }

@@ -9,6 +9,6 @@ mod structure;
 pub use config::{MlaConfig, ModelConfig};
 pub use names::{parse_name, NameInfo};
 pub use structure::{
-    resolve, Attention, Family, FusedLayout, Module, Structure, TensorDesc, TensorRole,
-    SUPPORTED_FAMILIES,
+    fused_orientation, is_fused_expert_weight, resolve, Attention, Family, FusedLayout, Module,
+    Structure, TensorDesc, TensorRole, SUPPORTED_FAMILIES,
 };

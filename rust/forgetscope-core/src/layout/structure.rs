@@ -439,6 +439,37 @@ fn top_level_role(name: &str) -> Module {
     }
 }
 
+/// Whether `name` is the weight of a fused expert tensor (`…layers.N.mlp.experts.gate_up_proj` or
+/// `…down_proj`), whatever the prefix: such tensors may be stored transposed in one checkpoint and
+/// not in another (MXFP4 GPT-OSS originals vs their bf16 transformers re-saves).
+pub fn is_fused_expert_weight(name: &str) -> bool {
+    match split_layer(name) {
+        Some((_, _, rest)) => matches!(
+            layer_role(rest),
+            (Module::ExpertsGateUp | Module::ExpertsDown, None, false)
+        ),
+        None => false,
+    }
+}
+
+/// Orientation of a fused expert weight as stored in one checkpoint (None for other tensors): read
+/// from the shape where `hidden_size` tells, else from the storage (MXFP4 originals are
+/// `[E, out, in]`) and the family's convention.
+pub fn fused_orientation(config: Option<&ModelConfig>, t: &TensorDesc<'_>) -> Option<FusedLayout> {
+    let (_, _, rest) = split_layer(t.name)?;
+    let (module, _, bias) = layer_role(rest);
+    if bias || !matches!(module, Module::ExpertsGateUp | Module::ExpertsDown) {
+        return None;
+    }
+    let family = config.map_or(Family::Unknown, |c| Family::from_model_type(&c.model_type));
+    Some(fused_layout(
+        family,
+        module,
+        t,
+        config.and_then(|c| c.hidden),
+    ))
+}
+
 /// Resolve every tensor of a checkpoint. Never fails: what cannot be resolved is reported in
 /// [`Structure::warnings`] and analysed per tensor only.
 pub fn resolve(config: Option<&ModelConfig>, tensors: &[TensorDesc<'_>]) -> Structure {
@@ -472,6 +503,17 @@ pub fn resolve(config: Option<&ModelConfig>, tensors: &[TensorDesc<'_>]) -> Stru
                 .iter()
                 .any(|w| prefix.contains(w));
             if rest.starts_with("self_attn.") && !tower {
+                match counts.iter_mut().find(|(p, _)| *p == prefix) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((prefix, 1)),
+                }
+            }
+        }
+    }
+    if counts.is_empty() {
+        // No attention tensors (a partial checkpoint, an experts-only shard): any layer tensor.
+        for t in tensors {
+            if let Some((prefix, _, _)) = split_layer(t.name) {
                 match counts.iter_mut().find(|(p, _)| *p == prefix) {
                     Some((_, n)) => *n += 1,
                     None => counts.push((prefix, 1)),

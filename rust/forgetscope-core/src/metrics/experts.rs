@@ -83,7 +83,7 @@ impl ExpertSums {
         let half = n_out / 2;
         let is_gate = |o: usize| {
             if layout.interleaved {
-                o % 2 == 0
+                o.is_multiple_of(2)
             } else {
                 o < half
             }
@@ -209,12 +209,12 @@ mod tests {
                         interleaved,
                     },
                 );
-                for p in 0..2 {
+                for (p, w) in want.iter().enumerate() {
                     assert!(
-                        (s.delta2[p] - want[p].0).abs() < 1e-12,
+                        (s.delta2[p] - w.0).abs() < 1e-12,
                         "{interleaved} {transposed}"
                     );
-                    assert!((s.base2[p] - want[p].1).abs() < 1e-12);
+                    assert!((s.base2[p] - w.1).abs() < 1e-12);
                 }
             }
         }
@@ -229,6 +229,6 @@ mod tests {
         assert!((d.rel_drift - 0.5).abs() < 1e-15);
         assert!((d.gate_rel_drift - 0.5).abs() < 1e-15);
         assert!(d.up_rel_drift.is_nan());
-        assert_eq!(ExpertSums::default().finish().rel_drift.is_nan(), true);
+        assert!(ExpertSums::default().finish().rel_drift.is_nan());
     }
 }

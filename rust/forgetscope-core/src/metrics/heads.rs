@@ -567,7 +567,7 @@ pub fn head_drift(
             ("hidden", g.hidden),
         ],
     )?;
-    if g.n_heads % g.n_kv_heads != 0 {
+    if !g.n_heads.is_multiple_of(g.n_kv_heads) {
         return Err(config(format!(
             "{CTX}: n_heads = {} is not a multiple of n_kv_heads = {}",
             g.n_heads, g.n_kv_heads

@@ -7,4 +7,5 @@ pub mod he;
 pub mod heads;
 pub(crate) mod kernels;
 pub mod router;
+pub mod sketch;
 pub mod spectral;

@@ -4,6 +4,7 @@
 pub mod analyze;
 mod budget;
 mod driver;
+pub mod fingerprint;
 pub mod he_pass;
 mod plan;
 pub(crate) mod reader;

@@ -57,7 +57,7 @@ pub(crate) fn chunk_elems(per_ckpt: &[&LogicalTensor], chunk_bytes: u64) -> u64 
     let align = per_ckpt.iter().map(|t| t.chunk_align()).max().unwrap_or(1);
     let cols = per_ckpt[0].cols();
     let fit = (chunk_bytes / max_b).max(align);
-    if cols <= fit && cols % align == 0 {
+    if cols <= fit && cols.is_multiple_of(align) {
         fit / cols * cols
     } else {
         (fit / 4096).max(1) * 4096
@@ -138,9 +138,16 @@ pub fn plan_trajectory(ckpts: &[Checkpoint], budget: &Budget) -> Plan {
                     checkpoint: t,
                     kind: "dtype".into(),
                     detail: format!(
-                        "stored as {} in checkpoint {t} vs {} in the base; compared after decoding both to f32",
+                        "stored as {} in checkpoint {t} vs {} in the base; compared after decoding both to f32{}",
                         other.format(),
-                        base.format()
+                        base.format(),
+                        if crate::layout::is_fused_expert_weight(&base.name)
+                            && (other.format() == "MXFP4") != (base.format() == "MXFP4")
+                        {
+                            " in storage order (a re-save of MXFP4 experts may be transposed: `analyze`, which reads config.json, compares them expert by expert in the right orientation)"
+                        } else {
+                            ""
+                        }
                     ),
                 });
             }

@@ -440,7 +440,7 @@ fn build_panel_f32(
             let mut part = vec![0f64; k];
             let full = k / 8 * 8;
             let mut i0 = 0;
-            if avx2 && w % 8 == 0 {
+            if avx2 && w.is_multiple_of(8) {
                 #[cfg(target_arch = "x86_64")]
                 {
                     // SAFETY: AVX2 is available (checked above); the kernel stays within rows
@@ -491,7 +491,7 @@ unsafe fn block_f32_avx2(
     part: &mut [f64],
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(rows % 8 == 0 && w % 8 == 0 && rows <= k);
+    debug_assert!(rows.is_multiple_of(8) && w.is_multiple_of(8) && rows <= k);
     debug_assert!((r0 + rows) * p <= src.len() && j0 + w <= p && o.len() >= w * k);
     let sp = src.as_ptr();
     let op = o.as_mut_ptr();

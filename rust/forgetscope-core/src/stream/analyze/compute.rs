@@ -12,7 +12,9 @@ use crate::metrics::heads::{
     head_drift, mla_head_drift, AttnWeights, HeadGeometry, MlaGeometry, MlaWeights,
 };
 use crate::metrics::router::{bias_drift, router_weight_drift};
-use crate::metrics::spectral::{spectral_stats, subspace_overlap, Side, SpectralStats};
+use crate::metrics::spectral::{
+    spectral_stats, spectral_values, subspace_overlap, Side, SpectralStats,
+};
 use crate::results::analysis::{
     AnalysisSkip, HeadRecord, RouterLayerRecord, RouterRecord, SpectraRecord, SubspaceRecord,
 };
@@ -221,7 +223,7 @@ fn spectra_of(
         for ((d, &a), &b) in delta.iter_mut().zip(wt).zip(&data.values[0]) {
             *d = a - b;
         }
-        let (sd, _) = spectral_stats(&delta, r, c, f64::NAN, so)?;
+        let sd = spectral_values(&delta, r, c, f64::NAN, so)?;
         let rel = if sigma0 > 0.0 {
             sd.sigma1 / sigma0
         } else {

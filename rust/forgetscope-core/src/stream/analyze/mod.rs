@@ -99,6 +99,95 @@ pub fn find_config(ckpt: &Checkpoint) -> Result<Option<ModelConfig>> {
     Ok(None)
 }
 
+/// Fused expert tensors stored in a different orientation in a checkpoint than in the base (an
+/// MXFP4 GPT-OSS original is `[E, out, in]`, its bf16 transformers re-save `[E, in, out]`) are
+/// compared expert by expert after transposing, never element by element in storage order. Pairs
+/// whose shapes differ join the plan here (with no chunks: they are read slice by slice as resident
+/// units) and their `shape` mismatch becomes a `layout` note; pairs whose shapes happen to agree
+/// (2I = H) are caught by orientation, not shape. Returns, per planned tensor, which checkpoints are
+/// swapped (None for ordinary tensors).
+fn pair_transposed_experts(
+    ckpts: &[Checkpoint],
+    plan: &mut super::Plan,
+    config: Option<&ModelConfig>,
+) -> Vec<Option<Vec<bool>>> {
+    use crate::layout::{fused_orientation, is_fused_expert_weight};
+    let orient = |t: &crate::source::LogicalTensor| {
+        fused_orientation(
+            config,
+            &TensorDesc {
+                name: &t.name,
+                shape: &t.shape,
+                mxfp4: matches!(t.encoding, Encoding::Mxfp4 { .. }),
+            },
+        )
+        .map(|l| l.transposed)
+    };
+    let mut swapped: Vec<Option<Vec<bool>>> = plan
+        .tensors
+        .iter()
+        .map(|pt| {
+            let o: Vec<Option<bool>> = pt.per_ckpt.iter().map(orient).collect();
+            let swap: Vec<bool> = o.iter().map(|x| x.is_some() && *x != o[0]).collect();
+            swap.iter().any(|&s| s).then_some(swap)
+        })
+        .collect();
+    for (pt, s) in plan.tensors.iter().zip(&swapped) {
+        if s.is_some() {
+            plan.mismatches.push(crate::results::Mismatch {
+                tensor: pt.name.clone(),
+                checkpoint: 0,
+                kind: "layout".into(),
+                detail: "stored in another orientation ([E, in, out] vs [E, out, in]) in some checkpoint; compared expert by expert after transposing".into(),
+            });
+        }
+    }
+    let candidates: std::collections::BTreeSet<String> = plan
+        .mismatches
+        .iter()
+        .filter(|m| m.kind == "shape" && is_fused_expert_weight(&m.tensor))
+        .map(|m| m.tensor.clone())
+        .collect();
+    for name in candidates {
+        let Some(base) = ckpts[0].tensor(&name) else {
+            continue;
+        };
+        let [e, a, b] = base.shape[..] else { continue };
+        let mut per = vec![base.clone()];
+        let mut swap = vec![false];
+        for c in &ckpts[1..] {
+            match c.tensor(&name) {
+                Some(t) if t.shape == base.shape && orient(t) == orient(base) => swap.push(false),
+                Some(t) if t.shape[..] == [e, b, a] && orient(t) != orient(base) => swap.push(true),
+                _ => break,
+            }
+            per.push(c.tensor(&name).expect("matched above").clone());
+        }
+        if per.len() != ckpts.len() {
+            continue;
+        }
+        for m in plan
+            .mismatches
+            .iter_mut()
+            .filter(|m| m.tensor == name && m.kind == "shape")
+        {
+            m.kind = "layout".into();
+            m.detail = format!(
+                "stored transposed in checkpoint {} relative to the base ({:?}); compared expert by expert after transposing",
+                m.checkpoint, per[m.checkpoint].shape
+            );
+        }
+        plan.tensors.push(super::plan::PlannedTensor {
+            name,
+            per_ckpt: per,
+            first_chunk: plan.chunks.len(),
+            n_chunks: 0,
+        });
+        swapped.push(Some(swap));
+    }
+    swapped
+}
+
 /// `(name, shape)` of every logical tensor of a checkpoint, in file order.
 pub type TensorList = Vec<(String, Vec<u64>)>;
 
@@ -167,7 +256,8 @@ pub fn analyze(
         Some(c) => Some(c.clone()),
         None => find_config(&ckpts[0])?,
     };
-    let plan = plan_trajectory(&ckpts, &budget);
+    let mut plan = plan_trajectory(&ckpts, &budget);
+    let swapped = pair_transposed_experts(&ckpts, &mut plan, config.as_ref());
     let descs: Vec<TensorDesc<'_>> = plan
         .tensors
         .iter()
@@ -179,7 +269,7 @@ pub fn analyze(
         .collect();
     let structure = resolve(config.as_ref(), &descs);
     let mut skipped = Vec::new();
-    let mut units = units::build_units(&plan, &structure, &opts.metrics, &mut skipped);
+    let mut units = units::build_units(&plan, &structure, &opts.metrics, &swapped, &mut skipped);
 
     // Units that do not fit half the budget stream instead (per-tensor metrics only).
     let n = ckpts.len();
@@ -207,7 +297,24 @@ pub fn analyze(
             resident[m.tensor] = true;
         }
     }
-    let include: Vec<bool> = resident.iter().map(|r| !r).collect();
+    // A tensor paired across orientations can only be compared as resident slices; without its
+    // units (budget) its metrics are NaN, never the zeros of an empty stream.
+    let mut unpaired = Vec::new();
+    for (t, s) in swapped.iter().enumerate() {
+        if s.is_some() && !resident[t] {
+            unpaired.push(t);
+            skipped.push(AnalysisSkip {
+                tensor: plan.tensors[t].name.clone(),
+                metric: "weight_drift".into(),
+                reason: "stored in another orientation in some checkpoint and not read as resident slices; its metrics are NaN".into(),
+            });
+        }
+    }
+    let include: Vec<bool> = resident
+        .iter()
+        .zip(&swapped)
+        .map(|(r, s)| !r && s.is_none())
+        .collect();
     control
         .total_tensors
         .store(0, std::sync::atomic::Ordering::Relaxed);
@@ -278,6 +385,12 @@ pub fn analyze(
         if slot.is_none() {
             *slot = p;
         }
+    }
+    for t in unpaired {
+        let mut acc = DriftAcc::new(n);
+        let nan = [f32::NAN];
+        acc.update(&vec![&nan[..]; n]);
+        accs[t] = Some(acc);
     }
     let accs: Vec<DriftAcc> = accs
         .into_iter()

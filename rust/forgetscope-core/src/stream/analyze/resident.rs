@@ -12,7 +12,7 @@ use crate::error::Result;
 use crate::metrics::drift::DriftAcc;
 use crate::source::Checkpoint;
 use crate::stream::plan::chunk_elems;
-use crate::stream::reader::ChunkReader;
+use crate::stream::reader::{ChunkReader, SUB_BLOCK};
 use crate::stream::{Control, Plan};
 
 /// One member, resident: `values[c]` is checkpoint c's `rows × cols` matrix.
@@ -89,5 +89,39 @@ fn read_member(
     for a in accs {
         acc.merge(&a?);
     }
+    if m.swap.iter().any(|&s| s) {
+        // Bring swapped slices ([cols, rows] as stored) into the base's [rows, cols] order; the
+        // element-wise accumulator must then see the aligned values, not the stored order.
+        for (c, v) in values.iter_mut().enumerate() {
+            if m.swap.get(c).copied().unwrap_or(false) {
+                *v = transpose(v, m.cols, m.rows);
+            }
+        }
+        acc = DriftAcc::new(n);
+        let mut s = 0;
+        while s < len {
+            let e = (s + SUB_BLOCK).min(len);
+            let views: Vec<&[f32]> = values.iter().map(|v| &v[s..e]).collect();
+            acc.update(&views);
+            s = e;
+        }
+    }
     Ok(ResidentMember { values, acc })
+}
+
+/// `r × c` row-major → `c × r` row-major.
+fn transpose(v: &[f32], r: usize, c: usize) -> Vec<f32> {
+    let mut out = vec![0f32; v.len()];
+    // Blocked so both sides stay in cache for large slices.
+    const B: usize = 64;
+    for i0 in (0..r).step_by(B) {
+        for j0 in (0..c).step_by(B) {
+            for i in i0..(i0 + B).min(r) {
+                for j in j0..(j0 + B).min(c) {
+                    out[j * r + i] = v[i * c + j];
+                }
+            }
+        }
+    }
+    out
 }

@@ -23,6 +23,9 @@ pub(crate) struct Member {
     pub transposed: bool,
     /// Compute spectra for this member.
     pub spectra: bool,
+    /// Per checkpoint: its slice is stored with the last two axes swapped relative to the base
+    /// and is transposed into the base's orientation after reading.
+    pub swap: Vec<bool>,
 }
 
 impl Member {
@@ -95,6 +98,7 @@ fn whole(plan: &Plan, t: usize, st: &Structure, spectra: bool) -> Member {
         expert: role.expert,
         transposed: false,
         spectra: spectra && base.shape.len() == 2 && rows >= 2 && cols >= 2,
+        swap: Vec::new(),
     }
 }
 
@@ -103,6 +107,7 @@ pub(crate) fn build_units(
     plan: &Plan,
     st: &Structure,
     metrics: &MetricSet,
+    swapped: &[Option<Vec<bool>>],
     skipped: &mut Vec<AnalysisSkip>,
 ) -> Vec<Unit> {
     let mut units = Vec::new();
@@ -216,52 +221,58 @@ pub(crate) fn build_units(
         }
     }
 
-    if (metrics.expert_drift || spectra) && st.is_known() {
-        for (t, pt) in plan.tensors.iter().enumerate() {
-            let role = st.roles[t];
-            let (Some(layer), Some(layout)) = (role.layer, role.fused) else {
-                continue;
-            };
-            if role.bias {
-                continue;
-            }
-            let [e, a, b] = pt.per_ckpt[0].shape[..] else {
-                skipped.push(AnalysisSkip {
-                    tensor: pt.name.clone(),
-                    metric: "expert_drift".into(),
-                    reason: format!(
-                        "fused expert tensor of shape {:?} is not [E, a, b]",
-                        pt.per_ckpt[0].shape
-                    ),
-                });
-                continue;
-            };
-            let slice = a * b;
-            for ex in 0..e {
-                let member = Member {
-                    tensor: t,
-                    e0: ex * slice,
-                    e1: (ex + 1) * slice,
-                    rows: a as usize,
-                    cols: b as usize,
-                    label: format!("{}[{ex}]", pt.name),
-                    layer: Some(layer),
-                    expert: Some(ex as u32),
-                    transposed: layout.transposed,
-                    spectra: spectra && a >= 2 && b >= 2,
-                };
-                units.push(Unit {
-                    kind: UnitKind::FusedExpert {
-                        layer,
-                        expert: ex as u32,
-                        module: role.module,
-                        layout,
-                    },
-                    members: vec![member],
-                });
-            }
-            taken[t] = true;
+    // Fused tensors stored transposed in some checkpoint are only comparable slice by slice, so
+    // they are always read as units, whatever the metrics.
+    let fused_units = (metrics.expert_drift || spectra) && st.is_known();
+    for (t, pt) in plan.tensors.iter().enumerate() {
+        let role = st.roles[t];
+        let swap = swapped.get(t).cloned().flatten();
+        if !fused_units && swap.is_none() {
+            continue;
         }
+        let (Some(layer), Some(layout)) = (role.layer, role.fused) else {
+            continue;
+        };
+        if role.bias {
+            continue;
+        }
+        let [e, a, b] = pt.per_ckpt[0].shape[..] else {
+            skipped.push(AnalysisSkip {
+                tensor: pt.name.clone(),
+                metric: "expert_drift".into(),
+                reason: format!(
+                    "fused expert tensor of shape {:?} is not [E, a, b]",
+                    pt.per_ckpt[0].shape
+                ),
+            });
+            continue;
+        };
+        let slice = a * b;
+        for ex in 0..e {
+            let member = Member {
+                tensor: t,
+                e0: ex * slice,
+                e1: (ex + 1) * slice,
+                rows: a as usize,
+                cols: b as usize,
+                label: format!("{}[{ex}]", pt.name),
+                layer: Some(layer),
+                expert: Some(ex as u32),
+                transposed: layout.transposed,
+                spectra: spectra && a >= 2 && b >= 2,
+                swap: swap.clone().unwrap_or_default(),
+            };
+            units.push(Unit {
+                kind: UnitKind::FusedExpert {
+                    layer,
+                    expert: ex as u32,
+                    module: role.module,
+                    layout,
+                },
+                members: vec![member],
+            });
+        }
+        taken[t] = true;
     }
 
     if spectra {
