@@ -371,7 +371,7 @@ def test_nan_through_cli(tmp_path, capsys):
 
 MISSING = [
     ({"table": "cka", "metric": "linear_cka", "min": 0.9}, ["no cka results", "--probe"]),
-    ({"table": "protected_subspace", "metric": "rel_protected_drift"}, ["no protected_subspace results", "LRCP"]),
+    ({"table": "protected_subspace", "metric": "ratio"}, ["no protected_subspace results", "--lrcp-subspaces"]),
     ({"table": "expert", "metric": "rel_drift"}, ["no expert results", "no experts"]),
     ({"table": "hyperspherical_energy", "metric": "delta_s1"}, ["no hyperspherical_energy results"]),
     ({"table": "routing", "metric": "js_mean"}, ["no routing results", "--router-hidden"]),

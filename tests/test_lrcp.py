@@ -571,7 +571,7 @@ def test_cli_fit_subspace_and_verify(cli, capsys, mixtral_runs, tmp_path):
     r = cli(["lrcp", "verify", root / "subs.safetensors", base, root / "lrcp", "--max-ratio", "1e-4",
              "-o", tmp_path / "drift.json"])
     assert r.returncode == 0, r.stderr + r.stdout
-    assert json.loads((tmp_path / "drift.json").read_text())["kind"] == "lrcp_drift"
+    assert json.loads((tmp_path / "drift.json").read_text())["kind"] == "protected_subspace"
     r = cli(["lrcp", "verify", root / "subs.safetensors", base, root / "plain", "--max-ratio", "1e-4"])
     assert r.returncode == 1 and "exceeds" in r.stdout
     r = cli(["lrcp", "verify", tmp_path / "nope.safetensors", base, base])
@@ -662,3 +662,20 @@ def test_docstring_examples():
     for mod in (forgetscope.lrcp.subspace, forgetscope.lrcp.select):
         res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
         assert res.attempted > 0 and res.failed == 0
+
+
+def test_check_gates_drift_inside_the_protected_subspaces(cli, mixtral_runs, tmp_path):
+    """`check --lrcp-subspaces`: the LRCP run passes a protected-drift rule, plain fine-tuning fails it, and
+    the table round-trips through a results bundle (`check --results`)."""
+    base, root, _ = mixtral_runs
+    pol = tmp_path / "p.toml"
+    pol.write_text('[[rule]]\nname = "protected"\ntable = "protected_subspace"\nmetric = "ratio"\nagg = "max"\n'
+                   'max = 1e-4\n')
+    common = ["--policy", pol, "--lrcp-subspaces", root / "subs.safetensors", "--metrics", "weight_drift", "-q"]
+    r = cli(["check", base, root / "lrcp", *common, "--results-dir", tmp_path / "ok"])
+    assert r.returncode == 0, r.stderr + r.stdout
+    r = cli(["check", base, root / "plain", *common, "--junit", tmp_path / "j.xml"])
+    assert r.returncode == 1, r.stderr + r.stdout
+    assert "protected" in (tmp_path / "j.xml").read_text()
+    r = cli(["check", "--results", tmp_path / "ok", "--policy", pol, "-q"])
+    assert r.returncode == 0, r.stderr + r.stdout

@@ -58,6 +58,9 @@ def add_parser(sub: "argparse._SubParsersAction", common_run: Callable[..., None
                         "for data-dependent routing drift (the routing table)")
     c.add_argument("--router-hidden-ckpt", metavar="PATH",
                    help="the fine-tuned model's own hidden states for the same tokens (total routing change)")
+    c.add_argument("--lrcp-subspaces", metavar="ART",
+                   help="LRCP protected-subspaces artefact (forgetscope lrcp fit-subspace): adds the "
+                        "protected_subspace table, the drift of the candidate inside the protected subspaces")
     c.add_argument("--severe-z", type=float, default=3.0, help="robust z above which a head is severe (default 3)")
     c.add_argument("--he-max-neurons", type=int, default=4096, help="rows sampled per matrix for HE (default 4096)")
     c.add_argument("--he-half-space", action="store_true", help="sign-invariant (half-space) HE")
@@ -135,7 +138,7 @@ def _analyze(args: argparse.Namespace, policy) -> "object":
         return bars[-1]
 
     try:
-        return analyze(
+        res = analyze(
             args.base, *args.candidates, metrics=metrics, model_config=args.model_config,
             spectra_k=args.spectra_k, spectra_power_iters=args.spectra_power_iters,
             spectra_exact_max_dim=args.spectra_exact_max_dim, severe_z=args.severe_z,
@@ -147,3 +150,8 @@ def _analyze(args: argparse.Namespace, policy) -> "object":
     finally:
         for b in bars:
             b.close()
+    if getattr(args, "lrcp_subspaces", None):
+        from ..lrcp.subspace import protected_drift
+
+        res.tables["protected_subspace"] = protected_drift(args.lrcp_subspaces, args.base, args.candidates[-1])
+    return res

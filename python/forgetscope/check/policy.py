@@ -116,10 +116,12 @@ TABLES: Dict[str, TableSpec] = {t.name: t for t in (
               unavailable="CKA compares activations on probe data: it comes from `forgetscope analyze ... "
                           "--probe default|FILE` (forgetscope.capture, needs forgetscope[torch])"),
     TableSpec("protected_subspace", "protected_subspace", None,
-              ("protected_drift", "rel_protected_drift", "frac_delta_in_subspace", "k"),
-              ("tensor", "checkpoint", "layer", "expert", "kind", "component"), _TENSOR_SELECTORS, "modules",
-              unavailable="drift inside an LRCP protected subspace needs the subspaces from an LRCP run "
-                          "(forgetscope.lrcp); this version of forgetscope does not produce them"),
+              ("ratio", "protected_norm", "delta_norm", "rel_delta", "random_ratio", "rank", "dim"),
+              ("site", "tensor", "expert", "rows", "cols", "status"), frozenset({"tensor", "exclude", "experts"}),
+              "protected views",
+              unavailable="drift inside an LRCP protected subspace (ratio = ||dW U|| / ||dW||) needs the LRCP "
+                          "subspaces artefact: pass --lrcp-subspaces ART, or write the table with "
+                          "'forgetscope lrcp verify ART BASE FT -o DIR/protected_subspace.json'"),
 )}
 
 #: Other spellings accepted for ``table``.

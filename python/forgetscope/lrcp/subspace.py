@@ -513,7 +513,7 @@ def protected_drift(artefact: Union[PathLike, ProtectedSubspaces], base_ckpt: Pa
     through the checkpoint's structure.
 
     Returns:
-        AnalysisTable ``lrcp_drift`` with columns ``site, tensor, expert, rows, cols, dim, rank,
+        AnalysisTable ``protected_subspace`` (the table ``forgetscope check`` rules address) with columns ``site, tensor, expert, rows, cols, dim, rank,
         delta_norm, protected_norm, ratio, random_ratio, rel_delta, status``.
     """
     from ..results import AnalysisTable
@@ -575,4 +575,4 @@ def protected_drift(artefact: Union[PathLike, ProtectedSubspaces], base_ckpt: Pa
             else os.fspath(artefact), "base": os.fspath(base_ckpt), "fine_tune": os.fspath(ft_ckpt),
             "conventions": {"ratio": "||(W_t - W_0) U||_F / ||W_t - W_0||_F on the target view",
                             "random_ratio": "sqrt(k/d): expected ratio for a random direction of change"}}
-    return AnalysisTable("lrcp_drift", arrays, meta)
+    return AnalysisTable("protected_subspace", arrays, meta)
