@@ -17,33 +17,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 
+from ..capture._models import _LAYER_RE, offline_quiet  # one offline loader for every torch-side module
 from ..exceptions import UsageError
 
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)(?:\.|$)")
 _EXPERT_RE = re.compile(r"(?:^|\.)experts\.(\d+)(?:\.|$)")
 
 #: ``loss_fn(model, batch) -> summed loss`` over the batch's target tokens.
 LossFn = Callable[[Any, "Batch"], torch.Tensor]
-
-
-@contextlib.contextmanager
-def offline_quiet() -> Iterator[None]:
-    """Never reach a hub, and keep transformers' load reports off the terminal."""
-    import transformers
-
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    log = transformers.utils.logging
-    level = log.get_verbosity()
-    bars = log.is_progress_bar_enabled()
-    log.set_verbosity_error()
-    log.disable_progress_bar()
-    try:
-        yield
-    finally:
-        log.set_verbosity(level)
-        if bars:
-            log.enable_progress_bar()
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
