@@ -177,6 +177,23 @@ pub enum Module {
 }
 
 impl Module {
+    /// Part of attention (projections, MLA parts, q/k norms, sinks).
+    pub fn is_attention(self) -> bool {
+        matches!(
+            self,
+            Module::Q
+                | Module::K
+                | Module::V
+                | Module::O
+                | Module::QA
+                | Module::QB
+                | Module::KvA
+                | Module::KvB
+                | Module::AttnNorm
+                | Module::Sinks
+        )
+    }
+
     /// snake_case name (as in results).
     pub fn name(self) -> &'static str {
         match self {

@@ -10,7 +10,7 @@
 
 mod compute;
 mod resident;
-mod summary;
+pub(crate) mod summary;
 mod units;
 
 use std::path::Path;

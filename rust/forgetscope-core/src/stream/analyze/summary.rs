@@ -9,7 +9,9 @@ use crate::layout::{Module, Structure};
 use crate::metrics::experts::{ExpertSums, Proj};
 use crate::metrics::heads::robust_z;
 use crate::metrics::router::gini;
-use crate::results::analysis::{AnalysisReport, AnalysisSkip, ExpertRecord, LayerRecord};
+use crate::results::analysis::{
+    AnalysisReport, AnalysisSkip, ExpertRecord, HeadRecord, LayerRecord, RouterLayerRecord,
+};
 use crate::results::TrajectoryReport;
 
 fn proj_of(m: Module) -> Option<(Proj, bool)> {
@@ -24,23 +26,8 @@ fn proj_of(m: Module) -> Option<(Proj, bool)> {
     }
 }
 
-fn is_attention(m: Module) -> bool {
-    matches!(
-        m,
-        Module::Q
-            | Module::K
-            | Module::V
-            | Module::O
-            | Module::QA
-            | Module::QB
-            | Module::KvA
-            | Module::KvB
-            | Module::AttnNorm
-            | Module::Sinks
-    )
-}
-
-fn ratio(d2: f64, b2: f64) -> f64 {
+/// √(d2/b2), NaN when the base is zero.
+pub(crate) fn ratio(d2: f64, b2: f64) -> f64 {
     if b2 > 0.0 {
         (d2 / b2).sqrt()
     } else {
@@ -57,6 +44,49 @@ fn mean(v: &[f64]) -> f64 {
         f64::NAN
     } else {
         v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+/// The per-layer summary of one checkpoint from its heads, routed experts' ρ_e and router summary;
+/// `rel` = [all tensors, attention, MLP] relative drift. Shared by `analyze` and the fingerprint
+/// comparison so both report layers the same way.
+pub(crate) fn layer_record(
+    checkpoint: usize,
+    layer: u32,
+    is_moe: bool,
+    rel: [f64; 3],
+    hs: &[&HeadRecord],
+    ex: &[f64],
+    rl: Option<&RouterLayerRecord>,
+) -> LayerRecord {
+    let nan = f64::NAN;
+    let n_severe = hs.iter().filter(|h| h.severe).count();
+    LayerRecord {
+        checkpoint,
+        layer,
+        is_moe,
+        rel_drift: rel[0],
+        attn_rel_drift: rel[1],
+        mlp_rel_drift: rel[2],
+        n_heads: hs.len(),
+        n_heads_severe: n_severe,
+        frac_heads_severe: if hs.is_empty() {
+            nan
+        } else {
+            n_severe as f64 / hs.len() as f64
+        },
+        head_drift_max: max_nan(hs.iter().map(|h| h.drift.drift)),
+        head_rel_drift_max: max_nan(hs.iter().map(|h| h.drift.rel_drift)),
+        expert_rel_drift_max: max_nan(ex.iter().copied()),
+        expert_rel_drift_mean: mean(ex),
+        expert_rel_drift_gini: if ex.is_empty() { nan } else { gini(ex) },
+        router_rel_drift_max: rl.map_or(nan, |r| r.rel_drift_max),
+        router_rel_drift_mean: rl.map_or(nan, |r| r.rel_drift_mean),
+        router_rel_drift_gini: rl.map_or(nan, |r| r.rel_drift_gini),
+        router_bias_drift: rl.and_then(|r| r.bias.as_ref()).map_or(nan, |b| b.l2),
+        score_correction_bias_drift: rl
+            .and_then(|r| r.score_correction_bias.as_ref())
+            .map_or(nan, |b| b.l2),
     }
 }
 
@@ -107,7 +137,7 @@ pub(crate) fn assemble(
             let slot = layer_sums.entry((s + 1, layer)).or_default();
             slot[0].0 += d2;
             slot[0].1 += b2;
-            let class = if is_attention(role.module) { 1 } else { 2 };
+            let class = if role.module.is_attention() { 1 } else { 2 };
             if role.module != Module::Norm && role.module != Module::Other {
                 slot[class].0 += d2;
                 slot[class].1 += b2;
@@ -157,11 +187,10 @@ pub(crate) fn assemble(
     let moe: std::collections::BTreeSet<u32> = structure.moe_layers.iter().copied().collect();
     let mut layers = Vec::new();
     for (&(t, l), s) in &layer_sums {
-        let hs: Vec<_> = heads
+        let hs: Vec<&HeadRecord> = heads
             .iter()
             .filter(|h| h.checkpoint == t && h.layer == l)
             .collect();
-        let n_severe = hs.iter().filter(|h| h.severe).count();
         let ex: Vec<f64> = experts
             .iter()
             .filter(|e| e.checkpoint == t && e.layer == l && !e.shared)
@@ -170,34 +199,8 @@ pub(crate) fn assemble(
         let rl = router_layers
             .iter()
             .find(|r| r.checkpoint == t && r.layer == l);
-        let nan = f64::NAN;
-        layers.push(LayerRecord {
-            checkpoint: t,
-            layer: l,
-            is_moe: moe.contains(&l),
-            rel_drift: ratio(s[0].0, s[0].1),
-            attn_rel_drift: ratio(s[1].0, s[1].1),
-            mlp_rel_drift: ratio(s[2].0, s[2].1),
-            n_heads: hs.len(),
-            n_heads_severe: n_severe,
-            frac_heads_severe: if hs.is_empty() {
-                nan
-            } else {
-                n_severe as f64 / hs.len() as f64
-            },
-            head_drift_max: max_nan(hs.iter().map(|h| h.drift.drift)),
-            head_rel_drift_max: max_nan(hs.iter().map(|h| h.drift.rel_drift)),
-            expert_rel_drift_max: max_nan(ex.iter().copied()),
-            expert_rel_drift_mean: mean(&ex),
-            expert_rel_drift_gini: if ex.is_empty() { nan } else { gini(&ex) },
-            router_rel_drift_max: rl.map_or(nan, |r| r.rel_drift_max),
-            router_rel_drift_mean: rl.map_or(nan, |r| r.rel_drift_mean),
-            router_rel_drift_gini: rl.map_or(nan, |r| r.rel_drift_gini),
-            router_bias_drift: rl.and_then(|r| r.bias.as_ref()).map_or(nan, |b| b.l2),
-            score_correction_bias_drift: rl
-                .and_then(|r| r.score_correction_bias.as_ref())
-                .map_or(nan, |b| b.l2),
-        });
+        let rel = [s[0], s[1], s[2]].map(|(d2, b2)| ratio(d2, b2));
+        layers.push(layer_record(t, l, moe.contains(&l), rel, &hs, &ex, rl));
     }
 
     let so = &opts.spectral;

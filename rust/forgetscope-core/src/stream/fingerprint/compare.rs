@@ -15,7 +15,7 @@ use crate::layout::{fused_orientation, parse_name, Module, Structure, TensorDesc
 use crate::metrics::drift::{BaseStats, StepMetrics};
 use crate::metrics::experts::ExpertDrift;
 use crate::metrics::heads::{robust_z, HeadDrift};
-use crate::metrics::router::{bias_drift, gini, router_weight_drift};
+use crate::metrics::router::{bias_drift, router_weight_drift};
 use crate::metrics::sketch::{jl_bound, JlBound, SignKeys};
 use crate::metrics::spectral::{spectral_stats, subspace_overlap, Side, SpectralStats};
 use crate::results::analysis::{
@@ -27,6 +27,7 @@ use crate::results::{
     SCHEMA_VERSION,
 };
 use crate::source::{open_checkpoint, Encoding, LogicalTensor, Skipped};
+use crate::stream::analyze::summary::{layer_record, ratio};
 use crate::stream::budget::Budget;
 use crate::stream::driver::resolve_threads;
 use crate::stream::{Control, RunOptions};
@@ -150,42 +151,6 @@ fn interval(b: &JlBound, d: f64, exact: bool) -> (bool, f64, f64, f64) {
     }
     let hi = if d == 0.0 { 0.0 } else { d * b.hi_factor };
     (true, b.rel_error, d * b.lo_factor, hi)
-}
-
-fn ratio(d2: f64, b2: f64) -> f64 {
-    if b2 > 0.0 {
-        (d2 / b2).sqrt()
-    } else {
-        f64::NAN
-    }
-}
-
-fn is_attention(m: Module) -> bool {
-    matches!(
-        m,
-        Module::Q
-            | Module::K
-            | Module::V
-            | Module::O
-            | Module::QA
-            | Module::QB
-            | Module::KvA
-            | Module::KvB
-            | Module::AttnNorm
-            | Module::Sinks
-    )
-}
-
-fn max_nan(v: impl Iterator<Item = f64>) -> f64 {
-    v.fold(f64::NAN, |m, x| if m.is_nan() || x > m { x } else { m })
-}
-
-fn mean(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v.iter().sum::<f64>() / v.len() as f64
-    }
 }
 
 fn skipped_of(v: &serde_json::Value) -> Vec<Skipped> {
@@ -987,7 +952,7 @@ fn layer_records(
         slot[0].0.add(d, 1.0);
         slot[0].1 += b2;
         if role.module != Module::Norm && role.module != Module::Other {
-            let class = if is_attention(role.module) { 1 } else { 2 };
+            let class = if role.module.is_attention() { 1 } else { 2 };
             slot[class].0.add(d, 1.0);
             slot[class].1 += b2;
         }
@@ -999,7 +964,6 @@ fn layer_records(
     for (l, s) in sums {
         let rel = |k: usize| ratio(s[k].0.norm2(), s[k].1);
         let hs: Vec<&HeadRecord> = heads.iter().filter(|h| h.layer == l).collect();
-        let n_severe = hs.iter().filter(|h| h.severe).count();
         let ex: Vec<f64> = experts
             .iter()
             .filter(|e| e.layer == l && !e.shared)
@@ -1011,33 +975,15 @@ fn layer_records(
         let (est, rb, lo, hi) = interval(bound, d, all.0.exact);
         let relb = |v: f64| if all.1 > 0.0 { v / all.1.sqrt() } else { nan };
         x.push(est, rb, &[relb(lo), relb(hi)]);
-        out.push(LayerRecord {
-            checkpoint: 1,
-            layer: l,
-            is_moe: moe.contains(&l),
-            rel_drift: rel(0),
-            attn_rel_drift: rel(1),
-            mlp_rel_drift: rel(2),
-            n_heads: hs.len(),
-            n_heads_severe: n_severe,
-            frac_heads_severe: if hs.is_empty() {
-                nan
-            } else {
-                n_severe as f64 / hs.len() as f64
-            },
-            head_drift_max: max_nan(hs.iter().map(|h| h.drift.drift)),
-            head_rel_drift_max: max_nan(hs.iter().map(|h| h.drift.rel_drift)),
-            expert_rel_drift_max: max_nan(ex.iter().copied()),
-            expert_rel_drift_mean: mean(&ex),
-            expert_rel_drift_gini: if ex.is_empty() { nan } else { gini(&ex) },
-            router_rel_drift_max: rl.map_or(nan, |r| r.rel_drift_max),
-            router_rel_drift_mean: rl.map_or(nan, |r| r.rel_drift_mean),
-            router_rel_drift_gini: rl.map_or(nan, |r| r.rel_drift_gini),
-            router_bias_drift: rl.and_then(|r| r.bias.as_ref()).map_or(nan, |b| b.l2),
-            score_correction_bias_drift: rl
-                .and_then(|r| r.score_correction_bias.as_ref())
-                .map_or(nan, |b| b.l2),
-        });
+        out.push(layer_record(
+            1,
+            l,
+            moe.contains(&l),
+            [rel(0), rel(1), rel(2)],
+            &hs,
+            &ex,
+            rl,
+        ));
     }
     (out, x)
 }
