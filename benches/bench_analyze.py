@@ -600,6 +600,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--skip-nospec", action="store_true", help="no no-spectra runs (ours and naive)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time analyze with each metric alone (--metrics M; warm only)")
+    p.add_argument("--breakdown-reps", type=int, default=1, help="repetitions of each --breakdown run (default 1)")
     p.add_argument("--oracle-max-dim", type=int, default=6000,
                    help="skip the f64 spectral oracle for matrices whose smaller side is larger (default 6000)")
     p.add_argument("--busy-cpus", type=float, default=0.3,
@@ -670,8 +671,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for kind in kinds:
                 add(f"{kind}_warm", runner.run(kind))
         if runner.breakdown_metrics():
-            log(f"[breakdown] each metric alone, warm, {args.reps} repetition(s)")
-            for _ in range(args.reps):
+            log(f"[breakdown] each metric alone, warm, {args.breakdown_reps} repetition(s)")
+            for _ in range(args.breakdown_reps):
                 for m in runner.breakdown_metrics():
                     add(f"only_{m}_warm", runner.run(f"only_{m}"))
 
