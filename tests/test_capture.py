@@ -142,6 +142,29 @@ def test_entropy_changes_only_in_the_planted_head(compared, planted, variant):
     assert np.all(h >= 0) and np.all(ent.columns["normalized_entropy_base"] <= 1 + 1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("variant", ["llama", "mixtral"])
+def test_half_precision_weights_as_on_cuda(compared, planted, variant, dtype):
+    """The precision path CUDA takes (bf16, or fp16 where bf16 is unsupported), run on CPU: the
+    identical copy still has CKA = 1 and ΔH = 0 exactly (same weights, same kernels), and the
+    fine-tune's numbers stay close to the fp32 run's (the accumulators are f64 either way)."""
+    base, ft, last, lay = planted(variant)
+    res = compare(base, base, ft, probe="default", max_texts=N_TEXTS, max_tokens=MAX_TOKENS, tokenizer=None,
+                  token_budget=96, progress=False, device="cpu", dtype=dtype)
+    assert res.meta["capture"]["dtype"] in (dtype, f"torch.{dtype}")
+    ref = compared(variant)
+    cka, cka32 = res.tables["cka"], ref.tables["cka"]
+    np.testing.assert_allclose(_col(cka, "linear_cka", checkpoint=1), 1.0, atol=1e-6)
+    assert (_col(res.tables["attention_entropy"], "delta_entropy", checkpoint=1) == 0).all()
+    for layer in range(-1, lay.n_layers):
+        v, v32 = (float(_col(t, "linear_cka", checkpoint=2, layer=layer)[0]) for t in (cka, cka32))
+        assert abs(v - v32) < 2e-2, (layer, v, v32)
+        if layer >= last:
+            assert v < 1.0 - 1e-7
+    h, h32 = (_col(t.tables["attention_entropy"], "entropy_ckpt", checkpoint=2) for t in (res, ref))
+    np.testing.assert_allclose(h, h32, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("variant", ["mixtral", "deepseek_v3", "gpt_oss"])
 def test_routing_drift_placement(compared, planted, variant):
     res = compared(variant)
