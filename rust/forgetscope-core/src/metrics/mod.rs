@@ -3,6 +3,7 @@
 pub mod cka;
 pub mod drift;
 pub mod experts;
+pub mod gradient_interference;
 pub mod he;
 pub mod heads;
 pub(crate) mod kernels;
