@@ -842,16 +842,17 @@ mod tests {
     }
 
     /// A random plan: a tensor [rows, cols] with some row and column slices and one group.
-    fn plan_and_data() -> impl Strategy<
-        Value = (
-            usize,
-            usize,
-            Vec<(bool, usize, usize)>,
-            Vec<f32>,
-            Vec<f32>,
-            usize,
-        ),
-    > {
+    /// (rows, cols, slices as (is_rows, x, y), g_A, g_B, chunk length).
+    type Case = (
+        usize,
+        usize,
+        Vec<(bool, usize, usize)>,
+        Vec<f32>,
+        Vec<f32>,
+        usize,
+    );
+
+    fn plan_and_data() -> impl Strategy<Value = Case> {
         (1usize..9, 1usize..9).prop_flat_map(|(r, c)| {
             let n = r * c;
             (
