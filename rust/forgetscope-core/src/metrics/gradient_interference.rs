@@ -837,7 +837,8 @@ mod tests {
         feed(&mut acc, t, &a, &a, 5);
         feed(&mut acc, z, &[0.0, 0.0], &[1.0, 2.0], 2);
         let r = acc.finish().unwrap();
-        assert_eq!(r.tensors[t].cos(), 1.0);
+        // √aa·√aa may differ from aa by an ulp either way; above 1 is clamped.
+        assert!((r.tensors[t].cos() - 1.0).abs() < 1e-15);
         assert!(r.tensors[z].cos().is_nan());
     }
 
