@@ -338,7 +338,7 @@ class StreamingGradientInterference:
     >>> acc.update(t, ga, gb)
     >>> res = acc.finish()
     >>> want = (ga * gb).sum() / (np.linalg.norm(ga) * np.linalg.norm(gb))
-    >>> abs(res.cos - want) < 1e-12, abs(res.slices["dot"][top] - (ga[:2] * gb[:2]).sum()) < 1e-12
+    >>> bool(abs(res.cos - want) < 1e-12), bool(abs(res.slices["dot"][top] - (ga[:2] * gb[:2]).sum()) < 1e-12)
     (True, True)
     """
 

@@ -388,7 +388,8 @@ def gradient_interference(
         loss_fn: ``loss_fn(model, batch) -> summed loss`` (default: next-token cross-entropy).
         dtype, device: for loading a checkpoint (default float32 on CPU).
         save_gradients: a directory to write ``grad_a.safetensors`` and ``grad_b.safetensors``
-            (float32) for reduction by the Rust core (``forgetscope.trajectory``).
+            (float32), e.g. for ``forgetscope.trajectory`` or other tools; the tables themselves are
+            reduced by the core's streaming accumulator either way.
         checkpoint: the value of the ``checkpoint`` column.
 
     Returns:

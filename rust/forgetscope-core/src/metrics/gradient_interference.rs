@@ -9,7 +9,8 @@
 //! `cos_S = ⟨g_A, g_B⟩_S / (‖g_A‖_S ‖g_B‖_S)`, from the three sums
 //! `dot_S = Σ_{i∈S} g_A,i g_B,i`, `sq_a_S = Σ_{i∈S} g_A,i²`, `sq_b_S = Σ_{i∈S} g_B,i²`,
 //!
-//! each accumulated in f64 chunk by chunk. A **group** is a non-negative weighted sum of slices,
+//! each accumulated in f64: the kernel's 8-lane sums over blocks of 2048 elements, the blocks
+//! added with Neumaier compensation (error a few ulps whatever the tensor size or chunking). A **group** is a non-negative weighted sum of slices,
 //! `dot_G = Σ_k w_k dot_{S_k}` (and the same for both squared norms). That is how a GQA head h
 //! with g query heads per kv head j = ⌊h/g⌋ gets `⟨·⟩_h = ⟨·⟩_{Q_h} + ⟨·⟩_{O[:,h]} +
 //! (⟨·⟩_{K_j} + ⟨·⟩_{V_j})/g` (METRICS.md §1.4), whose sum over heads is the q/k/v/o total.
@@ -232,32 +233,81 @@ impl<'a> GradSlice<'a> {
     }
 }
 
-/// Σab, Σa², Σb² over two equally long runs, whatever their encodings.
-fn stats(a: GradSlice<'_>, b: GradSlice<'_>) -> DotStats {
-    match (a, b) {
-        (GradSlice::F32(x), GradSlice::F32(y)) => dot_stats(x, y),
-        (GradSlice::F64(x), GradSlice::F64(y)) => dot_stats_f64(x, y),
-        _ => {
-            let mut acc = DotStats::default();
-            let wide = matches!(a, GradSlice::F64(_)) || matches!(b, GradSlice::F64(_));
-            for lo in (0..a.len()).step_by(BLOCK) {
-                let hi = (lo + BLOCK).min(a.len());
-                let (sa, sb) = (a.sub(lo, hi), b.sub(lo, hi));
-                if wide {
-                    let (mut x, mut y) = ([0f64; BLOCK], [0f64; BLOCK]);
-                    sa.widen_f64(&mut x[..hi - lo]);
-                    sb.widen_f64(&mut y[..hi - lo]);
-                    acc.add(dot_stats_f64(&x[..hi - lo], &y[..hi - lo]));
-                } else {
-                    let (mut x, mut y) = ([0f32; BLOCK], [0f32; BLOCK]);
-                    sa.widen_f32(&mut x[..hi - lo]);
-                    sb.widen_f32(&mut y[..hi - lo]);
-                    acc.add(dot_stats(&x[..hi - lo], &y[..hi - lo]));
-                }
-            }
-            acc
+/// Neumaier-compensated sums of [`DotStats`]. The kernel's 8 lanes run sequentially over a
+/// block, so one call over millions of elements loses ~1e-13 of relative accuracy; reducing in
+/// blocks of [`BLOCK`] and carrying each addition's rounding error keeps the sums at a few ulps
+/// whatever the tensor size, the chunking or the number of merged parts.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+struct Compensated {
+    sum: [f64; 3],
+    err: [f64; 3],
+}
+
+impl Compensated {
+    #[inline]
+    fn add(&mut self, x: DotStats) {
+        for (k, v) in [x.dot, x.sq_a, x.sq_b].into_iter().enumerate() {
+            let (s, t) = (self.sum[k], self.sum[k] + v);
+            self.err[k] += if s.abs() >= v.abs() {
+                (s - t) + v
+            } else {
+                (v - t) + s
+            };
+            self.sum[k] = t;
         }
     }
+
+    fn merge(&mut self, o: &Compensated) {
+        self.add(DotStats {
+            dot: o.sum[0],
+            sq_a: o.sum[1],
+            sq_b: o.sum[2],
+        });
+        for k in 0..3 {
+            self.err[k] += o.err[k];
+        }
+    }
+
+    fn value(&self) -> DotStats {
+        DotStats {
+            dot: self.sum[0] + self.err[0],
+            sq_a: self.sum[1] + self.err[1],
+            sq_b: self.sum[2] + self.err[2],
+        }
+    }
+}
+
+/// Add Σab, Σa², Σb² of two equally long runs, whatever their encodings, block by block.
+fn stats_into(acc: &mut Compensated, a: GradSlice<'_>, b: GradSlice<'_>) {
+    let wide = matches!(a, GradSlice::F64(_)) || matches!(b, GradSlice::F64(_));
+    for lo in (0..a.len()).step_by(BLOCK) {
+        let hi = (lo + BLOCK).min(a.len());
+        let n = hi - lo;
+        acc.add(match (a.sub(lo, hi), b.sub(lo, hi)) {
+            (GradSlice::F32(x), GradSlice::F32(y)) => dot_stats(x, y),
+            (GradSlice::F64(x), GradSlice::F64(y)) => dot_stats_f64(x, y),
+            (sa, sb) if wide => {
+                let (mut x, mut y) = ([0f64; BLOCK], [0f64; BLOCK]);
+                sa.widen_f64(&mut x[..n]);
+                sb.widen_f64(&mut y[..n]);
+                dot_stats_f64(&x[..n], &y[..n])
+            }
+            (sa, sb) => {
+                let (mut x, mut y) = ([0f32; BLOCK], [0f32; BLOCK]);
+                sa.widen_f32(&mut x[..n]);
+                sb.widen_f32(&mut y[..n]);
+                dot_stats(&x[..n], &y[..n])
+            }
+        });
+    }
+}
+
+/// [`stats_into`] from zero (tests).
+#[cfg(test)]
+fn stats(a: GradSlice<'_>, b: GradSlice<'_>) -> DotStats {
+    let mut acc = Compensated::default();
+    stats_into(&mut acc, a, b);
+    acc.value()
 }
 
 /// Streaming gradient-interference accumulator (METRICS.md §5.2): a plan of tensors, slices and
@@ -269,8 +319,8 @@ pub struct StreamingGradientInterference {
     groups: Vec<Group>,
     /// Slices of each tensor that need their own pass (whole-tensor slices reuse the total).
     partial: Vec<Vec<usize>>,
-    totals: Vec<DotStats>,
-    slice_sums: Vec<DotStats>,
+    totals: Vec<Compensated>,
+    slice_sums: Vec<Compensated>,
     seen: Vec<u64>,
 }
 
@@ -305,10 +355,10 @@ impl StreamingGradientInterference {
     pub fn reset(&mut self) {
         self.totals
             .iter_mut()
-            .for_each(|t| *t = DotStats::default());
+            .for_each(|t| *t = Compensated::default());
         self.slice_sums
             .iter_mut()
-            .for_each(|t| *t = DotStats::default());
+            .for_each(|t| *t = Compensated::default());
         self.seen.iter_mut().for_each(|n| *n = 0);
     }
 
@@ -361,7 +411,7 @@ impl StreamingGradientInterference {
             layer,
         });
         self.partial.push(Vec::new());
-        self.totals.push(DotStats::default());
+        self.totals.push(Compensated::default());
         self.seen.push(0);
         Ok(self.tensors.len() - 1)
     }
@@ -396,7 +446,7 @@ impl StreamingGradientInterference {
         if !whole {
             self.partial[tensor].push(id);
         }
-        self.slice_sums.push(DotStats::default());
+        self.slice_sums.push(Compensated::default());
         Ok(id)
     }
 
@@ -478,7 +528,7 @@ impl StreamingGradientInterference {
             return Ok(());
         }
         let (end, cols) = (offset + len, t.cols);
-        self.totals[tensor].add(stats(a, b));
+        stats_into(&mut self.totals[tensor], a, b);
         for &s in &self.partial[tensor] {
             let sl = self.slices[s];
             let acc = &mut self.slice_sums[s];
@@ -487,10 +537,11 @@ impl StreamingGradientInterference {
                     let lo = (sl.lo * cols).max(offset);
                     let hi = (sl.hi * cols).min(end);
                     if lo < hi {
-                        acc.add(stats(
+                        stats_into(
+                            acc,
                             a.sub(lo - offset, hi - offset),
                             b.sub(lo - offset, hi - offset),
-                        ));
+                        );
                     }
                 }
                 Axis::Cols => {
@@ -499,10 +550,11 @@ impl StreamingGradientInterference {
                         let lo = (r * cols + sl.lo).max(offset);
                         let hi = (r * cols + sl.hi).min(end);
                         if lo < hi {
-                            acc.add(stats(
+                            stats_into(
+                                acc,
                                 a.sub(lo - offset, hi - offset),
                                 b.sub(lo - offset, hi - offset),
-                            ));
+                            );
                         }
                     }
                 }
@@ -524,10 +576,10 @@ impl StreamingGradientInterference {
             ));
         }
         for (x, y) in self.totals.iter_mut().zip(&other.totals) {
-            x.add(*y);
+            x.merge(y);
         }
         for (x, y) in self.slice_sums.iter_mut().zip(&other.slice_sums) {
-            x.add(*y);
+            x.merge(y);
         }
         for (x, y) in self.seen.iter_mut().zip(&other.seen) {
             *x += y;
@@ -547,7 +599,11 @@ impl StreamingGradientInterference {
                 )));
             }
         }
-        let tensors: Vec<Sums> = self.totals.iter().map(|&s| Sums::from_stats(s)).collect();
+        let tensors: Vec<Sums> = self
+            .totals
+            .iter()
+            .map(|s| Sums::from_stats(s.value()))
+            .collect();
         let slices: Vec<Sums> = self
             .slices
             .iter()
@@ -555,7 +611,7 @@ impl StreamingGradientInterference {
             .enumerate()
             .map(|(i, (sl, &s))| {
                 if self.partial[sl.tensor].contains(&i) {
-                    Sums::from_stats(s)
+                    Sums::from_stats(s.value())
                 } else {
                     tensors[sl.tensor]
                 }
