@@ -355,16 +355,6 @@ pub struct DotStats {
     pub sq_b: f64,
 }
 
-impl DotStats {
-    /// Componentwise sum (sums over disjoint index sets add).
-    #[inline]
-    pub fn add(&mut self, o: DotStats) {
-        self.dot += o.dot;
-        self.sq_a += o.sq_a;
-        self.sq_b += o.sq_b;
-    }
-}
-
 /// Portable reference of [`dot_stats`]. A product of two f32 values is exact in f64, so a plain
 /// multiply-then-add rounds exactly like the AVX2 path's fused multiply-add (one rounding, at the
 /// add): both paths are bit-identical without paying for a software `mul_add` on CPUs without FMA.
