@@ -168,6 +168,82 @@ def test_core_reduces_saved_gradients_to_the_same_cosines(family_ckpt, tmp_path)
         assert core[n] == pytest.approx(mods[n], abs=1e-12)
 
 
+def _sums(a, b):
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return np.array([a @ b, a @ a, b @ b])
+
+
+def _assert_sums(row, want, rel=1e-12):
+    """Sums to `rel` of the norms' scale (a dot product near 0 has no relative scale of its own)."""
+    got = np.array([row["dot"], row["sq_norm_a"], row["sq_norm_b"]])
+    scale = np.array([math.sqrt(want[1] * want[2]), want[1], want[2]])
+    assert np.all(np.abs(got - want) <= rel * scale), (got, want)
+    if want[1] > 0 and want[2] > 0:
+        assert row["cos"] == pytest.approx(want[0] / math.sqrt(want[1] * want[2]), rel=rel, abs=rel)
+
+
+def test_core_reduction_equals_float64_oracle_and_merged_halves(family_ckpt, tmp_path):
+    """The tables come from the core's streaming accumulator: they equal a float64 numpy reduction
+    of the same float32 gradients (written by save_gradients) to 1e-12, and accumulators fed two
+    halves of the parameters (one tensor split mid-way) merge to the one-pass result."""
+    from safetensors.numpy import load_file
+
+    from forgetscope.mechanisms._lm import layer_of
+    from forgetscope.metrics import StreamingGradientInterference
+
+    res = gradient_interference(family_ckpt("llama"), TASK_A, TASK_B, token_budget=120, save_gradients=tmp_path)
+    assert res.meta["token_budget"] == 120 and res.overall["tokens_a"] == 120
+    assert "StreamingGradientInterference" in res.meta["reduction"]["engine"]
+    assert res.meta["reduction"]["accumulation"] == "float64"
+    ga, gb = load_file(tmp_path / "grad_a.safetensors"), load_file(tmp_path / "grad_b.safetensors")
+    assert all(v.dtype == np.float32 for v in ga.values())
+
+    for r in res.by_module().rows():
+        names = [n for n in ga if n.rsplit(".", 1)[0] == r["module"]]
+        _assert_sums(r, sum(_sums(ga[n], gb[n]) for n in names))
+    h, hkv, d = 4, 2, 8
+    g = h // hkv
+    for r in res.by_head().rows():
+        p = f"model.layers.{r['layer']}.self_attn."
+        hh, j = r["head"], r["head"] // g
+        q = _sums(ga[p + "q_proj.weight"][hh * d:(hh + 1) * d], gb[p + "q_proj.weight"][hh * d:(hh + 1) * d])
+        o = _sums(ga[p + "o_proj.weight"][:, hh * d:(hh + 1) * d], gb[p + "o_proj.weight"][:, hh * d:(hh + 1) * d])
+        k = _sums(ga[p + "k_proj.weight"][j * d:(j + 1) * d], gb[p + "k_proj.weight"][j * d:(j + 1) * d])
+        v = _sums(ga[p + "v_proj.weight"][j * d:(j + 1) * d], gb[p + "v_proj.weight"][j * d:(j + 1) * d])
+        _assert_sums(r, q + o + (k + v) / g)
+        for part, want in (("cos_q", q), ("cos_k", k), ("cos_v", v), ("cos_o", o)):
+            assert r[part] == pytest.approx(want[0] / math.sqrt(want[1] * want[2]), rel=1e-12, abs=1e-12)
+    for r in res.by_layer().rows():
+        names = [n for n in ga if layer_of(n) == r["layer"]]
+        _assert_sums(r, sum(_sums(ga[n], gb[n]) for n in names))
+        assert r["numel"] == sum(ga[n].size for n in names)
+    total = sum(_sums(ga[n], gb[n]) for n in ga)
+    _assert_sums(res.overall, total)
+
+    one = StreamingGradientInterference()
+    for n in ga:
+        one.add_tensor(n, ga[n].shape, layer=layer_of(n))
+    left, right = one.empty_copy(), one.empty_copy()
+    names = list(ga)
+    mid = len(names) // 2
+    for n in names:
+        one.update(n, ga[n], gb[n])
+    for n in names[:mid]:
+        left.update(n, ga[n], gb[n])
+    for i, n in enumerate(names[mid:]):
+        a, b = ga[n].ravel(), gb[n].ravel()
+        cut = a.size // 2 if i == 0 else 0
+        left.update(n, a[:cut], b[:cut])
+        right.update(n, a[cut:], b[cut:], offset=cut)
+    left.merge(right)
+    r1, r2 = one.finish(), left.finish()
+    for key in ("dot", "sq_norm_a", "sq_norm_b", "cos"):
+        assert r2.overall[key] == pytest.approx(r1.overall[key], rel=1e-12)
+        assert r1.overall[key] == pytest.approx(res.overall[key], rel=1e-12)
+        scale = np.nanmax(np.abs(r1.tensors[key])) if key != "cos" else 1.0
+        np.testing.assert_allclose(r2.tensors[key], r1.tensors[key], rtol=1e-12, atol=1e-12 * scale)
+
+
 def test_moe_experts_per_expert_and_heads(family_ckpt):
     res = gradient_interference(family_ckpt("mixtral"), TASK_A, TASK_B, params="model.layers.0.*")
     rows = [r for r in res.by_module().rows() if r["module"] == "model.layers.0.mlp.experts"]

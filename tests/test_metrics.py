@@ -1157,3 +1157,192 @@ def test_core_refuses_non_contiguous_directly():
         _core.hyperspherical_energy(v)
     with pytest.raises(UsageError, match="contiguous"):
         _core.linear_cka(v, v)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradient interference (METRICS.md §5.2): StreamingGradientInterference
+# --------------------------------------------------------------------------------------------------
+
+def _gi_oracle(a, b):
+    """float64 numpy: (dot, ‖a‖², ‖b‖²)."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return np.array([a @ b, a @ a, b @ b])
+
+
+def _gi_close(got, want, rel=1e-12):
+    """Sums agree to `rel` of the scale set by the norms (a dot product near 0 has no relative scale)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = np.array([math.sqrt(want[1] * want[2]), want[1], want[2]])
+    assert np.all(np.abs(got - want) <= rel * np.maximum(scale, 1e-300)), (got, want)
+
+
+def _gi_plan(shapes):
+    """A GQA-like plan: per tensor the whole tensor, row thirds, column halves, and one group."""
+    acc = M.StreamingGradientInterference()
+    info = []
+    for i, (name, shape) in enumerate(shapes.items()):
+        t = acc.add_tensor(name, shape, layer=i % 2)
+        rows = shape[0] if shape else 1
+        cols = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        sl = [("all", acc.add_whole(t), None)]
+        for lo, hi in ((0, rows // 3), (rows // 3, rows)):
+            sl.append(("rows", acc.add_slice(t, "rows", lo, hi), (lo, hi)))
+        for lo, hi in ((0, cols // 2), (cols // 2, cols)):
+            sl.append(("cols", acc.add_slice(t, "cols", lo, hi), (lo, hi)))
+        g = acc.add_group(name, [(sl[1][1], 1.0), (sl[3][1], 0.5)])
+        info.append((name, t, sl, g))
+    return acc, info
+
+
+def _gi_data(shapes, seed, dtype=np.float32):
+    g = rng(seed)
+    ga = {n: g.standard_normal(s).astype(dtype) for n, s in shapes.items()}
+    gb = {n: (0.3 * ga[n] + g.standard_normal(s)).astype(dtype) for n, s in shapes.items()}
+    return ga, gb
+
+
+_GI_SHAPES = {"q": (12, 10), "o": (10, 12), "bias": (12,), "experts": (3, 4, 5), "scalar": ()}
+
+
+def _gi_view(x):
+    x = np.asarray(x, np.float64)
+    rows = x.shape[0] if x.ndim else 1
+    return x.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gradient_interference_equals_float64_oracle(dtype):
+    ga, gb = _gi_data(_GI_SHAPES, 60, dtype)
+    acc, info = _gi_plan(_GI_SHAPES)
+    for name, t, _, _ in info:
+        a, b = ga[name].ravel(), gb[name].ravel()
+        for lo in range(0, a.size, 7):  # uneven runs crossing row boundaries
+            acc.update(t, a[lo:lo + 7], b[lo:lo + 7], offset=lo)
+    res = acc.finish()
+    total = np.zeros(3)
+    for name, t, sl, g in info:
+        A, B = _gi_view(ga[name]), _gi_view(gb[name])
+        want_t = _gi_oracle(A, B)
+        total += want_t
+        got = lambda cols, k: [cols["dot"][k], cols["sq_norm_a"][k], cols["sq_norm_b"][k]]  # noqa: E731
+        _gi_close(got(res.tensors, t), want_t)
+        for kind, s, rng_ in sl:
+            if kind == "all":
+                want = want_t
+            elif kind == "rows":
+                want = _gi_oracle(A[rng_[0]:rng_[1]], B[rng_[0]:rng_[1]])
+            else:
+                want = _gi_oracle(A[:, rng_[0]:rng_[1]], B[:, rng_[0]:rng_[1]])
+            _gi_close(got(res.slices, s), want)
+        want_g = _gi_oracle(A[sl[1][2][0]:sl[1][2][1]], B[sl[1][2][0]:sl[1][2][1]]) \
+            + 0.5 * _gi_oracle(A[:, :sl[3][2][1]], B[:, :sl[3][2][1]])
+        _gi_close(got(res.groups, g), want_g)
+        w = want_g
+        if w[1] * w[2] > 0:
+            assert res.groups["cos"][g] == pytest.approx(w[0] / math.sqrt(w[1] * w[2]), rel=1e-12, abs=1e-15)
+        else:  # empty slices (a bias has one column; a scalar one row): undefined, not 0
+            assert math.isnan(res.groups["cos"][g])
+    ov = res.overall
+    _gi_close([ov["dot"], ov["sq_norm_a"], ov["sq_norm_b"]], total)
+    assert ov["cos"] == pytest.approx(total[0] / math.sqrt(total[1] * total[2]), rel=1e-12)
+    assert ov["n_params"] == sum(int(np.prod(s)) for s in _GI_SHAPES.values()) and ov["n_tensors"] == 5
+    assert res.layers["layer"].tolist() == [0, 1]
+    assert res.layers["numel"].sum() == ov["n_params"]
+    _gi_close([res.layers[k].sum() for k in ("dot", "sq_norm_a", "sq_norm_b")], total)
+
+
+@settings(max_examples=25, **HYP)
+@given(seed=st.integers(0, 2**32 - 1), cuts=st.lists(st.integers(0, 120), max_size=4))
+def test_gradient_interference_merge_of_halves_equals_one_pass(seed, cuts):
+    ga, gb = _gi_data(_GI_SHAPES, seed)
+    one, info = _gi_plan(_GI_SHAPES)
+    parts = [one.empty_copy() for _ in range(3)]
+    for k, (name, t, _, _) in enumerate(info):
+        a, b = ga[name].ravel(), gb[name].ravel()
+        one.update(t, a, b)
+        edges = sorted({0, a.size, *(c % (a.size + 1) for c in cuts)})
+        for j, (lo, hi) in enumerate(zip(edges, edges[1:])):
+            parts[(j + k) % 3].update(name, a[lo:hi], b[lo:hi], offset=lo)
+    merged = parts[0]
+    merged.merge(parts[1])
+    merged.merge(parts[2])
+    assert merged.seen.tolist() == one.seen.tolist()
+    r1, r2 = one.finish(), merged.finish()
+    for part in ("tensors", "slices", "groups", "layers"):
+        for col in ("dot", "sq_norm_a", "sq_norm_b"):
+            np.testing.assert_allclose(getattr(r2, part)[col], getattr(r1, part)[col], rtol=1e-12, atol=1e-12)
+    assert r2.cos == pytest.approx(r1.cos, rel=1e-12)
+
+
+@settings(max_examples=25, **HYP)
+@given(seed=st.integers(0, 2**32 - 1), scale=st.floats(1e-3, 1e3))
+def test_gradient_interference_cos_bounded_symmetric_scale_invariant(seed, scale):
+    ga, gb = _gi_data(_GI_SHAPES, seed, np.float64)
+    ab, info = _gi_plan(_GI_SHAPES)
+    ba, sc = ab.empty_copy(), ab.empty_copy()
+    for name, t, _, _ in info:
+        ab.update(t, ga[name], gb[name])
+        ba.update(t, gb[name], ga[name])
+        sc.update(t, ga[name] * scale, gb[name])
+    r, rs, rk = ab.finish(), ba.finish(), sc.finish()
+    for part in ("tensors", "slices", "groups", "layers"):
+        c = getattr(r, part)["cos"]
+        assert np.all(np.isnan(c) | ((c >= -1) & (c <= 1)))  # NaN only for the empty slices
+        np.testing.assert_array_equal(getattr(rs, part)["cos"], c)
+        np.testing.assert_allclose(getattr(rk, part)["cos"], c, rtol=1e-12, atol=1e-14)
+    # identical gradients: exactly 1
+    same = ab.empty_copy()
+    for name, t, _, _ in info:
+        same.update(t, ga[name], ga[name])
+    c = same.finish().slices["cos"]
+    np.testing.assert_allclose(c[~np.isnan(c)], 1.0, rtol=0, atol=1e-15)
+
+
+def test_gradient_interference_half_precision_bits():
+    g = rng(61)
+    a, b = g.standard_normal((16, 9)).astype(np.float32), g.standard_normal((16, 9)).astype(np.float32)
+    # bfloat16 by truncation of the float32 bits; its exact value is the bits shifted back.
+    bf = lambda x: (x.view(np.uint32) >> 16).astype(np.uint16)  # noqa: E731
+    unbf = lambda u: (u.astype(np.uint32) << 16).view(np.float32)  # noqa: E731
+    f16 = lambda x: x.astype(np.float16).view(np.uint16)  # noqa: E731
+    unf16 = lambda u: u.view(np.float16).astype(np.float32)  # noqa: E731
+    for tag, enc, dec in (("bfloat16", bf, unbf), ("float16", f16, unf16)):
+        qa, qb = enc(a), enc(b)
+        acc = M.StreamingGradientInterference()
+        t = acc.add_tensor("w", qa.shape)
+        acc.update(t, qa, qb, dtype=tag)
+        r = acc.finish()
+        _gi_close([r.overall[k] for k in ("dot", "sq_norm_a", "sq_norm_b")], _gi_oracle(dec(qa), dec(qb)))
+
+
+def test_gradient_interference_errors_name_the_tensor():
+    acc = M.StreamingGradientInterference()
+    t = acc.add_tensor("layers.0.q_proj.weight", (4, 3), layer=0)
+    with pytest.raises(UsageError, match="layers.0.q_proj.weight.*outside"):
+        acc.add_slice(t, "cols", 0, 4)
+    with pytest.raises(UsageError, match="rows.*cols"):
+        acc.add_slice(t, "diagonal", 0, 1)
+    with pytest.raises(UsageError, match=">= 0"):
+        acc.add_group("g", [(acc.add_whole(t), -1.0)])
+    x = np.ones(12, np.float32)
+    with pytest.raises(UsageError, match="g_A has 12 elements, g_B 11"):
+        acc.update(t, x, x[:11])
+    with pytest.raises(UsageError, match="outside its 12"):
+        acc.update(t, x, x, offset=1)
+    with pytest.raises(UsageError, match="uint16"):
+        acc.update(t, x.view(np.uint16)[:12], x.view(np.uint16)[:12])
+    with pytest.raises(UsageError, match="unsupported gradient dtype"):
+        acc.update(t, x.astype(np.int32), x.astype(np.int32))
+    acc.update("layers.0.q_proj.weight", x[:5], x[:5])
+    with pytest.raises(UsageError, match="fed 5 of its 12"):
+        acc.finish()
+    with pytest.raises(UsageError, match="after the first update"):
+        acc.add_tensor("late", (1,))
+    with pytest.raises(UsageError, match="different plans"):
+        acc.merge(M.StreamingGradientInterference())
+    with pytest.raises(UsageError, match="itself"):
+        acc.merge(acc)
+    zero = M.StreamingGradientInterference()
+    z = zero.add_tensor("z", (3,))
+    zero.update(z, np.zeros(3), np.ones(3))
+    assert math.isnan(zero.finish().cos)

@@ -9,7 +9,7 @@ accumulates in f64, releases the GIL while it runs, and records its convention w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -29,6 +29,8 @@ __all__ = [
     "covariance_participation_ratio",
     "StreamingCKA",
     "MinibatchCKA",
+    "StreamingGradientInterference",
+    "InterferenceSums",
 ]
 
 
@@ -270,3 +272,140 @@ class MinibatchCKA:
     @property
     def n_batches(self) -> int:
         return self._inner.n_batches
+
+
+@dataclass(frozen=True)
+class InterferenceSums:
+    """Result of :meth:`StreamingGradientInterference.finish`.
+
+    ``tensors``, ``slices`` and ``groups`` are column dicts (``dot``, ``sq_norm_a``, ``sq_norm_b``,
+    ``cos``: float64 arrays in declaration order); ``layers`` adds ``layer`` and ``numel`` (one
+    entry per distinct layer, ascending); ``overall`` holds the same four values over every tensor
+    plus ``n_params`` and ``n_tensors``.
+    """
+
+    tensors: Dict[str, np.ndarray]
+    slices: Dict[str, np.ndarray]
+    groups: Dict[str, np.ndarray]
+    layers: Dict[str, np.ndarray]
+    overall: Dict[str, Any]
+
+    @property
+    def cos(self) -> float:
+        return float(self.overall["cos"])
+
+
+_BITS_DTYPES = ("bfloat16", "float16")
+
+
+def _grad_run(x: Any, dtype: Optional[str]) -> np.ndarray:
+    """A flat C-contiguous view (no copy when already contiguous) the core can borrow."""
+    a = np.asarray(x)
+    if dtype is not None:
+        if dtype not in _BITS_DTYPES:
+            raise UsageError(f'dtype must be None, "bfloat16" or "float16", not {dtype!r}')
+        if a.dtype != np.uint16:
+            raise UsageError(f"dtype={dtype!r} expects the bits as a uint16 array, got {a.dtype}")
+    elif a.dtype not in (np.float32, np.float64):
+        raise UsageError(f"unsupported gradient dtype {a.dtype} (use float32, float64, or uint16 bits with "
+                         "dtype='bfloat16' / 'float16')")
+    return np.ascontiguousarray(a).reshape(-1)
+
+
+class StreamingGradientInterference:
+    """Gradient interference cos(g_A, g_B) streamed through the core (METRICS.md §5.2).
+
+    ⟨g_A, g_B⟩, ‖g_A‖² and ‖g_B‖² are accumulated in float64, per tensor, per declared slice (row
+    or column range of the tensor viewed as ``[shape[0], prod(shape[1:])]``), per group (a
+    non-negative weighted sum of slices: a module, an attention head with its shared K/V rows
+    weighted 1/g, a fused expert) and per layer; cos = dot/(‖g_A‖‖g_B‖), NaN when a norm is zero.
+
+    Declare the plan first (``add_tensor``, ``add_slice`` / ``add_whole``, ``add_group``), then
+    feed both gradients with ``update`` in any runs of each tensor's flattened elements (float32
+    and float64 are borrowed without a copy; bfloat16 / float16 travel as uint16 bits with
+    ``dtype=``). Memory is O(tensors + slices), whatever the parameter count.
+
+    ``merge`` adds an accumulator with the same plan that saw *other elements* (another worker,
+    another half of the parameters): dot products of accumulated gradients do not add over data
+    batches, so sum the gradients over the token budget first.
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> ga, gb = rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
+    >>> acc = StreamingGradientInterference()
+    >>> t = acc.add_tensor("w", ga.shape, layer=0)
+    >>> top = acc.add_slice(t, "rows", 0, 2)
+    >>> acc.update(t, ga, gb)
+    >>> res = acc.finish()
+    >>> want = (ga * gb).sum() / (np.linalg.norm(ga) * np.linalg.norm(gb))
+    >>> bool(abs(res.cos - want) < 1e-12), bool(abs(res.slices["dot"][top] - (ga[:2] * gb[:2]).sum()) < 1e-12)
+    (True, True)
+    """
+
+    def __init__(self) -> None:
+        self._inner = _core.StreamingGradientInterference()
+        self._ids: Dict[str, int] = {}
+
+    def add_tensor(self, name: str, shape: Sequence[int], *, layer: int = -1) -> int:
+        """Declare a gradient tensor of ``shape`` (viewed as ``[shape[0], prod(shape[1:])]``; a
+        0-d tensor as ``[1, 1]``); ``layer`` = -1 for tensors outside the layer stack."""
+        shape = tuple(int(d) for d in shape)
+        if any(d < 0 for d in shape):
+            raise UsageError(f"tensor {name!r}: negative dimension in shape {shape}")
+        rows = shape[0] if shape else 1
+        cols = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+        tid = self._inner.add_tensor(str(name), rows, cols, int(layer))
+        self._ids[str(name)] = tid
+        return tid
+
+    def _tensor(self, tensor: Union[int, str]) -> int:
+        if isinstance(tensor, str):
+            if tensor not in self._ids:
+                raise UsageError(f"no tensor named {tensor!r} was declared")
+            return self._ids[tensor]
+        return int(_nonneg("tensor", tensor))  # type: ignore[arg-type]
+
+    def add_slice(self, tensor: Union[int, str], axis: str = "rows", lo: int = 0, hi: Optional[int] = None) -> int:
+        """Declare rows (``axis="rows"``) or columns (``"cols"``) ``[lo, hi)`` of a tensor."""
+        t = self._tensor(tensor)
+        if hi is None:
+            raise UsageError("add_slice needs hi (use add_whole for the whole tensor)")
+        return self._inner.add_slice(t, axis, _nonneg("lo", lo), _nonneg("hi", hi))
+
+    def add_whole(self, tensor: Union[int, str]) -> int:
+        """The whole tensor as a slice (costs nothing: it reuses the tensor's total)."""
+        return self._inner.add_whole(self._tensor(tensor))
+
+    def add_group(self, name: str, terms: Sequence[Tuple[int, float]]) -> int:
+        """Declare ``Σ weight·slice`` over ``(slice, weight)`` pairs, weights finite and >= 0."""
+        return self._inner.add_group(str(name), [(_nonneg("slice", s), float(w)) for s, w in terms])
+
+    def update(self, tensor: Union[int, str], a: Any, b: Any, *, offset: int = 0, dtype: Optional[str] = None) -> None:
+        """Add elements ``[offset, offset + a.size)`` of ``tensor``'s flattened gradients."""
+        self._inner.update(self._tensor(tensor), _grad_run(a, dtype), _grad_run(b, dtype),
+                           offset=_nonneg("offset", offset), dtype=dtype)
+
+    def merge(self, other: "StreamingGradientInterference") -> None:
+        """Add the sums of an accumulator with the same plan that saw other elements."""
+        if other is self:
+            raise UsageError("cannot merge an accumulator into itself")
+        self._inner.merge(other._inner)
+
+    def empty_copy(self) -> "StreamingGradientInterference":
+        """The same plan with zero sums (for another worker, merged back afterwards)."""
+        new = StreamingGradientInterference.__new__(StreamingGradientInterference)
+        new._inner = self._inner.empty_copy()
+        new._ids = dict(self._ids)
+        return new
+
+    def reset(self) -> None:
+        self._inner.reset()
+
+    @property
+    def seen(self) -> np.ndarray:
+        """Elements fed so far, per tensor."""
+        return self._inner.seen
+
+    def finish(self) -> InterferenceSums:
+        """The sums and cosines; every tensor must have been fed exactly its element count."""
+        return InterferenceSums(**self._inner.finish())

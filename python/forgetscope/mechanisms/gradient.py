@@ -24,10 +24,13 @@ product is
 conservation law the tests check. MLA (DeepSeek-V2/V3): q_b_proj (or q_proj) rows per head,
 kv_b_proj rows per head (first d_nope = K, next d_v = V), o_proj columns per head; g = 1.
 
-**Reduction.** Every Σ g_A·g_B, Σ g_A², Σ g_B² is accumulated in float64, tensor by tensor and
-row block by row block, on the CPU (in torch: the Rust core exposes no per-slice dot/norm kernel;
-``save_gradients`` writes both gradients as safetensors so ``forgetscope.trajectory(g_A, g_B)``
-can reduce them per tensor in the core, ``1 − one_minus_cos`` being the same cosine).
+**Reduction.** Streamed through the Rust core (``forgetscope.metrics.StreamingGradientInterference``):
+both gradients are handed over tensor by tensor as contiguous float32 numpy views (no copy) in row
+blocks, and the core accumulates every Σ g_A·g_B, Σ g_A², Σ g_B² in float64 per tensor, per head
+slice (q/k/v rows, o_proj columns, MLA kv_b rows), per fused expert and per layer; modules and heads
+are groups of those slices (K/V weighted 1/g). ``save_gradients`` also writes both gradients as
+safetensors for other tools (``forgetscope.trajectory(g_A, g_B)``: ``1 − one_minus_cos`` is the same
+per-tensor cosine).
 
 Cost: one forward+backward per batch per task; memory: one float32 copy of g_A (CPU) besides
 the model and its gradients.
@@ -38,7 +41,6 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -49,8 +51,13 @@ from ._result import ProbeResult, fmt, make_table, markdown_table
 __all__ = ["GradientInterference", "gradient_interference", "gradient_interference_along",
            "accumulate_gradient"]
 
-#: f64 elements held at once while reducing one tensor (row block size is derived from it).
+#: float32 elements handed to the core per update call (row block size is derived from it); the
+#: core itself holds no copy, so this only bounds the time the GIL is released per call.
 _BLOCK_ELEMS = 1 << 22
+
+#: Recorded in ``meta["reduction"]``.
+_REDUCTION = {"engine": "forgetscope-core StreamingGradientInterference (Rust)", "input": "float32",
+              "accumulation": "float64", "block_elems": _BLOCK_ELEMS}
 
 MODULE_COLUMNS = ["checkpoint", "module", "layer", "expert", "type", "params", "numel", "dot", "sq_norm_a",
                   "sq_norm_b", "cos", "conflict"]
@@ -58,12 +65,6 @@ HEAD_COLUMNS = ["checkpoint", "layer", "head", "kv_head", "dot", "sq_norm_a", "s
                 "cos_q", "cos_k", "cos_v", "cos_o"]
 LAYER_COLUMNS = ["checkpoint", "layer", "numel", "dot", "sq_norm_a", "sq_norm_b", "cos", "conflict", "n_heads",
                  "n_heads_conflict"]
-
-
-def _cos(dot: float, aa: float, bb: float) -> float:
-    """cos = dot/√(aa·bb); NaN when either gradient is zero (undefined, not 0)."""
-    den = math.sqrt(aa) * math.sqrt(bb)
-    return dot / den if den > 0 else float("nan")
 
 
 def accumulate_gradient(model: Any, data: Any, named: Sequence[Tuple[str, Any]], *, batch_size: int = 8,
@@ -116,45 +117,24 @@ def accumulate_gradient(model: Any, data: Any, named: Sequence[Tuple[str, Any]],
     return out, {"tokens": tokens, "sequences": seqs, "batches": batches, "loss": loss_total / tokens}
 
 
-@dataclass
-class _Sums:
-    """Row sums (and optionally column sums) of g_A·g_B, g_A², g_B² in float64."""
-
-    rows: Tuple[np.ndarray, np.ndarray, np.ndarray]
-    cols: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]
-
-    def total(self) -> Tuple[float, float, float]:
-        return tuple(float(x.sum()) for x in self.rows)  # type: ignore[return-value]
+def _view(t: Any) -> Tuple[int, int]:
+    """The ``[rows, cols]`` view the core reduces: first dimension × the rest (0-d: ``[1, 1]``)."""
+    shape = tuple(t.shape)
+    rows = shape[0] if shape else 1
+    cols = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+    return rows, cols
 
 
-def _reduce(a: Any, b: Any, cols: bool = False) -> _Sums:
-    """Float64 sums over every dimension but the first (and over the first, per column, when asked)."""
+def _feed(acc: Any, tid: int, a: Any, b: Any) -> None:
+    """Hand both gradients of one tensor to the core in row blocks of contiguous float32."""
     import torch
 
-    a2 = a.reshape(a.shape[0], -1) if a.dim() >= 1 else a.reshape(1, 1)
-    b2 = b.reshape(a2.shape)
-    m, n = a2.shape
-    step = max(1, _BLOCK_ELEMS // max(n, 1))
-    rd, ra, rb = (np.zeros(m, dtype=np.float64) for _ in range(3))
-    cd = ca = cb = None
-    if cols:
-        cd, ca, cb = (torch.zeros(n, dtype=torch.float64) for _ in range(3))
-    for i in range(0, m, step):
-        x = a2[i: i + step].double()
-        y = b2[i: i + step].double()
-        xy, xx, yy = x * y, x * x, y * y
-        rd[i: i + step] = xy.sum(1).numpy()
-        ra[i: i + step] = xx.sum(1).numpy()
-        rb[i: i + step] = yy.sum(1).numpy()
-        if cols:
-            cd += xy.sum(0)
-            ca += xx.sum(0)
-            cb += yy.sum(0)
-    return _Sums((rd, ra, rb), None if not cols else (cd.numpy(), ca.numpy(), cb.numpy()))
-
-
-def _seg(s: Tuple[np.ndarray, np.ndarray, np.ndarray], lo: int, hi: int) -> np.ndarray:
-    return np.array([float(x[lo:hi].sum()) for x in s])
+    rows, cols = _view(a)
+    x = a.detach().to("cpu", torch.float32).contiguous().reshape(rows, cols).numpy()
+    y = b.detach().to("cpu", torch.float32).contiguous().reshape(rows, cols).numpy()
+    step = max(1, _BLOCK_ELEMS // max(cols, 1))
+    for i in range(0, rows, step):
+        acc.update(tid, x[i: i + step], y[i: i + step], offset=i * cols)
 
 
 class GradientInterference(ProbeResult):
@@ -216,14 +196,32 @@ def _module_owner(name: str) -> str:
 
 def _interference_tables(model: Any, ga: Dict[str, Any], gb: Dict[str, Any], geometry: Any,
                          checkpoint: int, warnings: List[str]) -> Tuple[List[Dict], List[Dict], List[Dict], Dict]:
+    """Plan the tensors, slices and groups in the core's accumulator, stream both gradients through
+    it, and lay its sums out as the modules / heads / layers tables."""
+    from ..metrics import StreamingGradientInterference
     from ._lm import expert_of, find_attention, layer_of
 
-    sites = find_attention(model) if geometry is not None else []
-    col_needed = {s.o_weight for s in sites}
-    sums: Dict[str, _Sums] = {}
+    acc = StreamingGradientInterference()
+    tid: Dict[str, int] = {}
+    whole: Dict[str, int] = {}
     for name in ga:
-        sums[name] = _reduce(ga[name], gb[name], cols=name in col_needed)
-    mods = dict(model.named_modules())
+        tid[name] = acc.add_tensor(name, tuple(ga[name].shape), layer=layer_of(name))
+        whole[name] = acc.add_whole(tid[name])
+
+    cache: Dict[Tuple[str, str, int, int], int] = {}
+
+    def piece(name: str, axis: str, lo: int, hi: int) -> int:
+        # K/V rows of a kv head are shared by its g query heads: reduce them once.
+        key = (name, axis, lo, hi)
+        if key not in cache:
+            cache[key] = acc.add_slice(tid[name], axis, lo, hi)
+        return cache[key]
+
+    def rows(name: str, lo: int, hi: int) -> int:
+        return piece(name, "rows", lo, hi)
+
+    def one(ids: List[int]) -> List[Tuple[int, float]]:
+        return [(x, 1.0) for x in ids]
 
     # Modules: each owner module of the selected parameters; fused expert tensors [E, ...] per expert.
     groups: "OrderedDict[Tuple[str, int], List[str]]" = OrderedDict()
@@ -235,32 +233,27 @@ def _interference_tables(model: Any, ga: Dict[str, Any], gb: Dict[str, Any], geo
                 groups.setdefault((owner, e), []).append(name)
         else:
             groups.setdefault((owner, expert_of(owner)), []).append(name)
-    module_rows = []
+    module_plan = []
     for (owner, e), names in groups.items():
-        tot = np.zeros(3)
+        terms = []
         numel = 0
         for n in names:
-            s = sums[n]
             fused = _module_owner(n).split(".")[-1] == "experts" and ga[n].dim() >= 3
             if fused:
-                tot += _seg(s.rows, e, e + 1)
+                terms.append((rows(n, e, e + 1), 1.0))
                 numel += int(ga[n][0].numel())
             else:
-                tot += np.array(s.total())
+                terms.append((whole[n], 1.0))
                 numel += int(ga[n].numel())
-        c = _cos(*tot)
-        module_rows.append({"checkpoint": checkpoint, "module": owner, "layer": layer_of(owner), "expert": e,
-                            "type": type(mods[owner]).__name__ if owner in mods else "",
-                            "params": ",".join(n.rsplit(".", 1)[-1] for n in names), "numel": numel,
-                            "dot": tot[0], "sq_norm_a": tot[1], "sq_norm_b": tot[2], "cos": c,
-                            "conflict": bool(c < 0)})
+        module_plan.append((owner, e, names, numel, acc.add_group(f"{owner}#{e}", terms)))
 
-    # Heads.
-    head_rows: List[Dict] = []
+    # Heads: one group for the head and one per projection (for cos_q/k/v/o).
+    sites = find_attention(model) if geometry is not None else []
+    head_plan = []
     for s in sites:
         need = [s.q_weight, s.o_weight] + [x for x in (s.k_weight, s.v_weight, s.kv_b_weight) if x]
-        if not all(n in sums for n in need):
-            if any(n in sums for n in need):
+        if not all(n in ga for n in need):
+            if any(n in ga for n in need):
                 warnings.append(f"{s.module}: per-head interference needs all of {', '.join(need)} in the "
                                 "selected parameters; skipped")
             continue
@@ -278,11 +271,11 @@ def _interference_tables(model: Any, ga: Dict[str, Any], gb: Dict[str, Any], geo
             warnings.append(f"{s.module}: projection shapes do not match the head geometry {g}; per-head skipped")
             continue
 
-        def rows_of(w: Optional[str], bias: Optional[str], lo: int, hi: int) -> np.ndarray:
-            v = _seg(sums[w].rows, lo, hi) if w else np.zeros(3)
-            if bias and bias in sums:
-                v = v + _seg(sums[bias].rows, lo, hi)
-            return v
+        def rows_of(w: Optional[str], bias: Optional[str], lo: int, hi: int) -> List[int]:
+            out = [rows(w, lo, hi)] if w else []
+            if bias and bias in ga:
+                out.append(rows(bias, lo, hi))
+            return out
 
         for h in range(h_n):
             if g.kind == "gqa":
@@ -291,42 +284,59 @@ def _interference_tables(model: Any, ga: Dict[str, Any], gb: Dict[str, Any], geo
                 q = rows_of(s.q_weight, s.q_bias, h * hd, (h + 1) * hd)
                 k = rows_of(s.k_weight, s.k_bias, j * hd, (j + 1) * hd)
                 v = rows_of(s.v_weight, s.v_bias, j * hd, (j + 1) * hd)
-                o = _seg(sums[s.o_weight].cols, h * hd, (h + 1) * hd)
-                tot = q + o + (k + v) / grp
+                o = [piece(s.o_weight, "cols", h * hd, (h + 1) * hd)]
+                kv_w = 1.0 / grp
             else:
                 j = h
                 q = rows_of(s.q_weight, s.q_bias, h * hd, (h + 1) * hd)
                 base = h * (g.d_nope + g.d_v)
                 k = rows_of(s.kv_b_weight, None, base, base + g.d_nope)
                 v = rows_of(s.kv_b_weight, None, base + g.d_nope, base + g.d_nope + g.d_v)
-                o = _seg(sums[s.o_weight].cols, h * g.d_v, (h + 1) * g.d_v)
-                tot = q + k + v + o
-            c = _cos(*tot)
-            head_rows.append({"checkpoint": checkpoint, "layer": s.layer, "head": h, "kv_head": j,
-                              "dot": tot[0], "sq_norm_a": tot[1], "sq_norm_b": tot[2], "cos": c,
-                              "conflict": bool(c < 0), "cos_q": _cos(*q), "cos_k": _cos(*k), "cos_v": _cos(*v),
-                              "cos_o": _cos(*o)})
+                o = [piece(s.o_weight, "cols", h * g.d_v, (h + 1) * g.d_v)]
+                kv_w = 1.0
+            tag = f"{s.module}#{h}"
+            tot = acc.add_group(tag, one(q) + one(o) + [(x, kv_w) for x in k + v])
+            parts = [acc.add_group(f"{tag}.{p}", one(ids)) for p, ids in (("q", q), ("k", k), ("v", v), ("o", o))]
+            head_plan.append((s.layer, h, j, tot, parts))
 
-    # Layers and overall.
-    per_layer: "OrderedDict[int, np.ndarray]" = OrderedDict()
-    numel_layer: Dict[int, int] = {}
-    total = np.zeros(3)
     for name in ga:
-        t = np.array(sums[name].total())
-        total += t
-        lay = layer_of(name)
-        per_layer[lay] = per_layer.get(lay, np.zeros(3)) + t
-        numel_layer[lay] = numel_layer.get(lay, 0) + int(ga[name].numel())
+        _feed(acc, tid[name], ga[name], gb[name])
+    res = acc.finish()
+    gd, ga_sq, gb_sq, gcos = (res.groups[k] for k in ("dot", "sq_norm_a", "sq_norm_b", "cos"))
+
+    def sums(k: int) -> Tuple[float, float, float, float]:
+        return float(gd[k]), float(ga_sq[k]), float(gb_sq[k]), float(gcos[k])
+
+    mods = dict(model.named_modules())
+    module_rows = []
+    for owner, e, names, numel, k in module_plan:
+        dot, aa, bb, c = sums(k)
+        module_rows.append({"checkpoint": checkpoint, "module": owner, "layer": layer_of(owner), "expert": e,
+                            "type": type(mods[owner]).__name__ if owner in mods else "",
+                            "params": ",".join(n.rsplit(".", 1)[-1] for n in names), "numel": numel,
+                            "dot": dot, "sq_norm_a": aa, "sq_norm_b": bb, "cos": c,
+                            "conflict": bool(c < 0)})
+
+    head_rows: List[Dict] = []
+    for layer, h, j, k, parts in head_plan:
+        dot, aa, bb, c = sums(k)
+        cq, ck, cv, co = (sums(x)[3] for x in parts)
+        head_rows.append({"checkpoint": checkpoint, "layer": layer, "head": h, "kv_head": j,
+                          "dot": dot, "sq_norm_a": aa, "sq_norm_b": bb, "cos": c,
+                          "conflict": bool(c < 0), "cos_q": cq, "cos_k": ck, "cos_v": cv, "cos_o": co})
+
     layer_rows = []
-    for lay in sorted(per_layer):
-        t = per_layer[lay]
+    ly = res.layers
+    for i, lay in enumerate(ly["layer"].tolist()):
         hs = [r for r in head_rows if r["layer"] == lay]
-        c = _cos(*t)
-        layer_rows.append({"checkpoint": checkpoint, "layer": lay, "numel": numel_layer[lay], "dot": t[0],
-                           "sq_norm_a": t[1], "sq_norm_b": t[2], "cos": c, "conflict": bool(c < 0),
+        c = float(ly["cos"][i])
+        layer_rows.append({"checkpoint": checkpoint, "layer": int(lay), "numel": int(ly["numel"][i]),
+                           "dot": float(ly["dot"][i]), "sq_norm_a": float(ly["sq_norm_a"][i]),
+                           "sq_norm_b": float(ly["sq_norm_b"][i]), "cos": c, "conflict": bool(c < 0),
                            "n_heads": len(hs), "n_heads_conflict": sum(r["conflict"] for r in hs)})
-    overall = {"dot": float(total[0]), "sq_norm_a": float(total[1]), "sq_norm_b": float(total[2]),
-               "cos": float(_cos(*total)), "n_tensors": len(ga), "n_params": int(sum(int(t.numel()) for t in ga.values()))}
+    ov = res.overall
+    overall = {"dot": float(ov["dot"]), "sq_norm_a": float(ov["sq_norm_a"]), "sq_norm_b": float(ov["sq_norm_b"]),
+               "cos": float(ov["cos"]), "n_tensors": int(ov["n_tensors"]), "n_params": int(ov["n_params"])}
     return module_rows, head_rows, layer_rows, overall
 
 
@@ -378,7 +388,8 @@ def gradient_interference(
         loss_fn: ``loss_fn(model, batch) -> summed loss`` (default: next-token cross-entropy).
         dtype, device: for loading a checkpoint (default float32 on CPU).
         save_gradients: a directory to write ``grad_a.safetensors`` and ``grad_b.safetensors``
-            (float32) for reduction by the Rust core (``forgetscope.trajectory``).
+            (float32), e.g. for ``forgetscope.trajectory`` or other tools; the tables themselves are
+            reduced by the core's streaming accumulator either way.
         checkpoint: the value of the ``checkpoint`` column.
 
     Returns:
@@ -427,6 +438,7 @@ def _result(mrows, hrows, lrows, per_ckpt: List[Dict[str, Any]], token_budget, g
         "overall": overall,
         "checkpoints": per_ckpt,
         "token_budget": token_budget,
+        "reduction": dict(_REDUCTION),
         "n_heads_rows": n_def,
         "heads_conflict": n_conf,
         "head_conflict_fraction": (n_conf / n_def) if n_def else float("nan"),
@@ -436,14 +448,16 @@ def _result(mrows, hrows, lrows, per_ckpt: List[Dict[str, Any]], token_budget, g
         "conventions": {
             "loss": "mean next-token NLL (natural log) over the target tokens used, model in eval mode (no "
                     "dropout); gradient = Σ_batches ∇(summed loss) / tokens",
-            "cos": "⟨g_A,g_B⟩/(‖g_A‖‖g_B‖) with Σ in float64 on the CPU (torch); NaN when a gradient is zero",
+            "cos": "⟨g_A,g_B⟩/(‖g_A‖‖g_B‖) with Σ in float64 in the Rust core, clamped to [-1, 1]; NaN when a "
+                   "gradient is zero",
             "head": "⟨·⟩_h = ⟨·⟩_{Q_h (+bias)} + ⟨·⟩_{O[:,h]} + (⟨·⟩_{K_j} + ⟨·⟩_{V_j})/g, j = ⌊h/g⌋ (GQA); MLA: "
                     "q_b rows + kv_b rows (K_nope, V) + o columns of head h; Σ_h = q/k/v/o total",
             "module": "owner module of the selected parameters (weight + bias); fused experts [E, ...] one row per expert",
             "conflict": "cos < 0 (PCGrad / GEM)",
             "budget": "the same token budget for A and B; minibatch cosines shrink toward 0 with noise",
-            "reduction": "float64 torch on CPU (no Rust per-slice dot kernel); save_gradients writes safetensors "
-                         "for forgetscope.trajectory",
+            "reduction": "streamed through the Rust core (forgetscope.metrics.StreamingGradientInterference): "
+                         "float32 gradients in row blocks, float64 sums per tensor, head slice, expert and layer; "
+                         "save_gradients also writes safetensors for forgetscope.trajectory",
         },
         "all_checkpoints_total": tot,
     }

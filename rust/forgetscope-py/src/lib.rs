@@ -6,6 +6,7 @@ mod analyze;
 mod convert;
 mod errors;
 mod fingerprint;
+mod gradient_interference;
 mod metrics;
 mod routing;
 mod run;
@@ -187,5 +188,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<metrics::PyMinibatchCka>()?;
     routing::register(m)?;
     fingerprint::register(m)?;
+    gradient_interference::register(m)?;
     Ok(())
 }

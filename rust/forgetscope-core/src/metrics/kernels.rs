@@ -344,6 +344,130 @@ pub fn pair_stats(a: &[f32], b: &[f32]) -> PairStats {
     pair_stats_generic(a, b)
 }
 
+/// Σaᵢbᵢ, Σaᵢ², Σbᵢ² of one pass over two aligned slices (gradient interference, METRICS.md §5.2).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct DotStats {
+    /// Σ aᵢbᵢ.
+    pub dot: f64,
+    /// Σ aᵢ².
+    pub sq_a: f64,
+    /// Σ bᵢ².
+    pub sq_b: f64,
+}
+
+/// Portable reference of [`dot_stats`]. A product of two f32 values is exact in f64, so a plain
+/// multiply-then-add rounds exactly like the AVX2 path's fused multiply-add (one rounding, at the
+/// add): both paths are bit-identical without paying for a software `mul_add` on CPUs without FMA.
+fn dot_stats_generic(a: &[f32], b: &[f32]) -> DotStats {
+    let (mut d, mut sa, mut sb) = ([0f64; LANES], [0f64; LANES], [0f64; LANES]);
+    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+        let (j, x, y) = (i % LANES, x as f64, y as f64);
+        d[j] += x * y;
+        sa[j] += x * x;
+        sb[j] += y * y;
+    }
+    DotStats {
+        dot: combine(d),
+        sq_a: combine(sa),
+        sq_b: combine(sb),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot_stats_avx2(a: &[f32], b: &[f32]) -> DotStats {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let full = n / LANES * LANES;
+    let zero = _mm256_setzero_pd();
+    let (mut d0, mut d1, mut sa0, mut sa1, mut sb0, mut sb1) = (zero, zero, zero, zero, zero, zero);
+    let mut i = 0;
+    while i < full {
+        // SAFETY: i + 8 ≤ full ≤ len of both slices; unaligned loads.
+        let (a0, a1, b0, b1) = unsafe {
+            let (pa, pb) = (a.as_ptr().add(i), b.as_ptr().add(i));
+            (
+                _mm256_cvtps_pd(_mm_loadu_ps(pa)),
+                _mm256_cvtps_pd(_mm_loadu_ps(pa.add(4))),
+                _mm256_cvtps_pd(_mm_loadu_ps(pb)),
+                _mm256_cvtps_pd(_mm_loadu_ps(pb.add(4))),
+            )
+        };
+        d0 = _mm256_fmadd_pd(a0, b0, d0);
+        d1 = _mm256_fmadd_pd(a1, b1, d1);
+        sa0 = _mm256_fmadd_pd(a0, a0, sa0);
+        sa1 = _mm256_fmadd_pd(a1, a1, sa1);
+        sb0 = _mm256_fmadd_pd(b0, b0, sb0);
+        sb1 = _mm256_fmadd_pd(b1, b1, sb1);
+        i += LANES;
+    }
+    let lanes = |lo: __m256d, hi: __m256d| {
+        let mut out = [0f64; LANES];
+        // SAFETY: out holds 8 f64; unaligned stores.
+        unsafe {
+            _mm256_storeu_pd(out.as_mut_ptr(), lo);
+            _mm256_storeu_pd(out.as_mut_ptr().add(4), hi);
+        }
+        out
+    };
+    let (mut d, mut sa, mut sb) = (lanes(d0, d1), lanes(sa0, sa1), lanes(sb0, sb1));
+    for (j, (&x, &y)) in a[full..n].iter().zip(&b[full..n]).enumerate() {
+        let (x, y) = (x as f64, y as f64);
+        d[j] += x * y;
+        sa[j] += x * x;
+        sb[j] += y * y;
+    }
+    DotStats {
+        dot: combine(d),
+        sq_a: combine(sa),
+        sq_b: combine(sb),
+    }
+}
+
+/// Σab, Σa², Σb² of two f32 slices in f64 (8 lanes; bit-identical on every CPU path).
+pub fn dot_stats(a: &[f32], b: &[f32]) -> DotStats {
+    let n = a.len().min(b.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return unsafe { dot_stats_avx2(&a[..n], &b[..n]) };
+        }
+    }
+    dot_stats_generic(&a[..n], &b[..n])
+}
+
+#[inline(always)]
+fn dot_stats_f64_body(a: &[f64], b: &[f64]) -> DotStats {
+    let (mut d, mut sa, mut sb) = ([0f64; LANES], [0f64; LANES], [0f64; LANES]);
+    let mut ia = a.chunks_exact(LANES);
+    let mut ib = b.chunks_exact(LANES);
+    for (ca, cb) in (&mut ia).zip(&mut ib) {
+        for j in 0..LANES {
+            d[j] += ca[j] * cb[j];
+            sa[j] += ca[j] * ca[j];
+            sb[j] += cb[j] * cb[j];
+        }
+    }
+    for (j, (&x, &y)) in ia.remainder().iter().zip(ib.remainder()).enumerate() {
+        d[j] += x * y;
+        sa[j] += x * x;
+        sb[j] += y * y;
+    }
+    DotStats {
+        dot: combine(d),
+        sq_a: combine(sa),
+        sq_b: combine(sb),
+    }
+}
+
+dispatch! {
+    /// [`dot_stats`] of two f64 slices (products round here; no fused multiply-add, so every CPU
+    /// path agrees).
+    pub fn dot_stats_f64(a: &[f64], b: &[f64]) -> DotStats = dot_stats_f64_body;
+}
+
 #[inline(always)]
 fn step_dot_body(a: &[f32], b: &[f32], c: &[f32]) -> f64 {
     let n = a.len().min(b.len()).min(c.len());
@@ -412,6 +536,17 @@ mod tests {
             step_dot(&a, &b, &c).to_bits(),
             step_dot_body(&a, &b, &c).to_bits()
         );
+        assert_eq!(dot_stats(&a, &c), dot_stats_generic(&a, &c));
+        assert_eq!(
+            dot_stats(&a[3..], &c[3..]),
+            dot_stats_generic(&a[3..], &c[3..])
+        );
+        let (a64, c64): (Vec<f64>, Vec<f64>) = (
+            a.iter().map(|&x| x as f64).collect(),
+            c.iter().map(|&x| x as f64).collect(),
+        );
+        // Exact f32 products: the f64 kernel on widened inputs rounds the same way.
+        assert_eq!(dot_stats_f64(&a64, &c64), dot_stats(&a, &c));
         let naive: f64 = a.iter().map(|&x| x as f64 * x as f64).sum();
         assert!((sum_sq(&a) - naive).abs() < 1e-12 * naive);
     }

@@ -3,6 +3,7 @@
 pub mod cka;
 pub mod drift;
 pub mod experts;
+pub mod gradient_interference;
 pub mod he;
 pub mod heads;
 // Public only to the fuzz targets (cargo fuzz sets `--cfg fuzzing`), which check the SIMD paths
