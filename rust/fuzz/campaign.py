@@ -56,10 +56,12 @@ def run(target: str, cpu_limit: float | None, wall_limit: float | None, nice: in
            "-rss_limit_mb=2048", "-max_len=65536", "-print_final_stats=1"]
     if target in DICT:
         cmd.append(f"-dict={DICT[target]}")
+    env = dict(os.environ)
+    env["LSAN_OPTIONS"] = ":".join(filter(None, [env.get("LSAN_OPTIONS", ""), f"suppressions={HERE / 'lsan.supp'}"]))
     before = set(artifacts.iterdir())
     t0 = time.monotonic()
     with open(log, "w") as out:
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                              preexec_fn=(lambda: os.nice(nice)) if nice else None)
         used = 0.0
         try:
