@@ -95,7 +95,16 @@ pub fn read_header(file: &File, path: &Path, id: FileIdentity) -> Result<Header>
     if head.len() > 8 && head[8] != b'{' {
         return Err(explain("header does not start with '{'".into()));
     }
-    let mut buf = vec![0u8; n as usize];
+    // The one allocation sized from the file: fallible, so a process short of address space
+    // gets an error naming the file instead of an abort.
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(n as usize).map_err(|_| {
+        Error::header(
+            path,
+            format!("cannot allocate {n} bytes to read the header (out of memory)"),
+        )
+    })?;
+    buf.resize(n as usize, 0);
     read_exact_at(file, path, &mut buf, 8)?;
     let text = std::str::from_utf8(&buf).map_err(|e| {
         Error::header(
