@@ -53,6 +53,10 @@ pub enum Dtype {
     F6E3M2,
     /// Complex64 (two f32).
     C64,
+    /// 8-bit float E4M3 "FNUZ" (AMD/Graphcore: bias 8, no inf, no negative zero; 0x80 is NaN).
+    F8E4M3Fnuz,
+    /// 8-bit float E5M2 "FNUZ" (bias 16, no inf, no negative zero; 0x80 is NaN).
+    F8E5M2Fnuz,
 }
 
 /// How the metrics treat a dtype.
@@ -92,6 +96,9 @@ impl Dtype {
             "F6_E2M3" => Dtype::F6E2M3,
             "F6_E3M2" => Dtype::F6E3M2,
             "C64" => Dtype::C64,
+            // Known to the reference since safetensors 0.6; listed and skipped here.
+            "F8_E4M3FNUZ" => Dtype::F8E4M3Fnuz,
+            "F8_E5M2FNUZ" => Dtype::F8E5M2Fnuz,
             _ => return None,
         })
     }
@@ -119,6 +126,8 @@ impl Dtype {
             Dtype::F6E2M3 => "F6_E2M3",
             Dtype::F6E3M2 => "F6_E3M2",
             Dtype::C64 => "C64",
+            Dtype::F8E4M3Fnuz => "F8_E4M3FNUZ",
+            Dtype::F8E5M2Fnuz => "F8_E5M2FNUZ",
         }
     }
 
@@ -127,9 +136,14 @@ impl Dtype {
         match self {
             Dtype::F4 => 4,
             Dtype::F6E2M3 | Dtype::F6E3M2 => 6,
-            Dtype::Bool | Dtype::U8 | Dtype::I8 | Dtype::F8E4M3 | Dtype::F8E5M2 | Dtype::F8E8M0 => {
-                8
-            }
+            Dtype::Bool
+            | Dtype::U8
+            | Dtype::I8
+            | Dtype::F8E4M3
+            | Dtype::F8E5M2
+            | Dtype::F8E8M0
+            | Dtype::F8E4M3Fnuz
+            | Dtype::F8E5M2Fnuz => 8,
             Dtype::U16 | Dtype::I16 | Dtype::F16 | Dtype::BF16 => 16,
             Dtype::U32 | Dtype::I32 | Dtype::F32 => 32,
             Dtype::U64 | Dtype::I64 | Dtype::F64 | Dtype::C64 => 64,
@@ -150,9 +164,13 @@ impl Dtype {
             | Dtype::I32
             | Dtype::U64
             | Dtype::I64 => DtypeClass::Integer,
-            Dtype::F8E8M0 | Dtype::F4 | Dtype::F6E2M3 | Dtype::F6E3M2 | Dtype::C64 => {
-                DtypeClass::Unsupported
-            }
+            Dtype::F8E8M0
+            | Dtype::F4
+            | Dtype::F6E2M3
+            | Dtype::F6E3M2
+            | Dtype::C64
+            | Dtype::F8E4M3Fnuz
+            | Dtype::F8E5M2Fnuz => DtypeClass::Unsupported,
         }
     }
 }
@@ -310,6 +328,47 @@ pub fn decode_mxfp4(blocks: &[u8], scales: &[u8], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every dtype string the reference `safetensors` 0.8 knows parses, round-trips, and has the
+    /// reference's bit size.
+    #[test]
+    fn reference_dtype_strings() {
+        let reference = [
+            ("BOOL", 8),
+            ("F4", 4),
+            ("F6_E2M3", 6),
+            ("F6_E3M2", 6),
+            ("U8", 8),
+            ("I8", 8),
+            ("F8_E5M2", 8),
+            ("F8_E4M3", 8),
+            ("F8_E8M0", 8),
+            ("F8_E4M3FNUZ", 8),
+            ("F8_E5M2FNUZ", 8),
+            ("I16", 16),
+            ("U16", 16),
+            ("F16", 16),
+            ("BF16", 16),
+            ("I32", 32),
+            ("U32", 32),
+            ("F32", 32),
+            ("C64", 64),
+            ("F64", 64),
+            ("I64", 64),
+            ("U64", 64),
+        ];
+        for (s, bits) in reference {
+            let d = Dtype::parse(s).unwrap_or_else(|| panic!("{s} not parsed"));
+            assert_eq!((d.as_str(), d.bits()), (s, bits));
+        }
+        assert_eq!(
+            Dtype::parse("F8_E4M3FNUZ").unwrap().class(),
+            DtypeClass::Unsupported
+        );
+        for s in ["f32", "F8_E4M3FN", "I4", "C128", ""] {
+            assert!(Dtype::parse(s).is_none(), "{s}");
+        }
+    }
 
     #[test]
     fn e4m3_known_values() {

@@ -95,7 +95,16 @@ pub fn read_header(file: &File, path: &Path, id: FileIdentity) -> Result<Header>
     if head.len() > 8 && head[8] != b'{' {
         return Err(explain("header does not start with '{'".into()));
     }
-    let mut buf = vec![0u8; n as usize];
+    // The one allocation sized from the file: fallible, so a process short of address space
+    // gets an error naming the file instead of an abort.
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(n as usize).map_err(|_| {
+        Error::header(
+            path,
+            format!("cannot allocate {n} bytes to read the header (out of memory)"),
+        )
+    })?;
+    buf.resize(n as usize, 0);
     read_exact_at(file, path, &mut buf, 8)?;
     let text = std::str::from_utf8(&buf).map_err(|e| {
         Error::header(
@@ -119,14 +128,134 @@ struct ParsedHeader {
     metadata: Vec<(String, String)>,
 }
 
-#[derive(Deserialize)]
-#[serde(expecting = "an object {\"dtype\", \"shape\", \"data_offsets\"}")]
+/// One tensor entry. Deserialized by hand, not derived, so that unknown fields are parsed the way
+/// the reference parses them: it buffers them as JSON values, so a number out of f64 range or
+/// nesting past serde_json's recursion limit is an error there, and must be one here too
+/// (`IgnoredAny`, which a derive uses, skips both unchecked).
 struct Entry {
     dtype: String,
-    #[serde(deserialize_with = "de_shape")]
     shape: Vec<u64>,
-    #[serde(deserialize_with = "de_offsets")]
     data_offsets: (u64, u64),
+}
+
+struct Shape(Vec<u64>);
+struct Offsets((u64, u64));
+
+impl<'de> Deserialize<'de> for Shape {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        de_u64_list(d, "shape").map(Shape)
+    }
+}
+
+impl<'de> Deserialize<'de> for Offsets {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        de_offsets(d).map(Offsets)
+    }
+}
+
+const ENTRY_FIELDS: &[&str] = &["dtype", "shape", "data_offsets"];
+
+impl<'de> Deserialize<'de> for Entry {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_struct("Entry", ENTRY_FIELDS, EntryVisitor)
+    }
+}
+
+struct EntryVisitor;
+
+impl<'de> Visitor<'de> for EntryVisitor {
+    type Value = Entry;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object {\"dtype\", \"shape\", \"data_offsets\"}")
+    }
+
+    // The positional form [dtype, shape, data_offsets]: serde's derive (and so the reference)
+    // accepts it.
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Entry, A::Error> {
+        let dtype = seq
+            .next_element()?
+            .ok_or_else(|| de::Error::invalid_length(0, &self))?;
+        let Shape(shape) = seq
+            .next_element()?
+            .ok_or_else(|| de::Error::invalid_length(1, &self))?;
+        let Offsets(data_offsets) = seq
+            .next_element()?
+            .ok_or_else(|| de::Error::invalid_length(2, &self))?;
+        Ok(Entry {
+            dtype,
+            shape,
+            data_offsets,
+        })
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Entry, A::Error> {
+        let (mut dtype, mut shape, mut offsets) = (None, None, None);
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "dtype" if dtype.is_some() => return Err(de::Error::duplicate_field("dtype")),
+                "dtype" => dtype = Some(map.next_value::<String>()?),
+                "shape" if shape.is_some() => return Err(de::Error::duplicate_field("shape")),
+                "shape" => shape = Some(map.next_value::<Shape>()?.0),
+                "data_offsets" if offsets.is_some() => {
+                    return Err(de::Error::duplicate_field("data_offsets"))
+                }
+                "data_offsets" => offsets = Some(map.next_value::<Offsets>()?.0),
+                _ => {
+                    map.next_value::<CheckedSkip>()?;
+                }
+            }
+        }
+        Ok(Entry {
+            dtype: dtype.ok_or_else(|| de::Error::missing_field("dtype"))?,
+            shape: shape.ok_or_else(|| de::Error::missing_field("shape"))?,
+            data_offsets: offsets.ok_or_else(|| de::Error::missing_field("data_offsets"))?,
+        })
+    }
+}
+
+/// Skips a JSON value as a buffering parser would read it: numbers are converted (`1e400` is out
+/// of range) and nesting counts against serde_json's recursion limit.
+struct CheckedSkip;
+
+impl<'de> Deserialize<'de> for CheckedSkip {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(CheckedSkip)
+    }
+}
+
+impl<'de> Visitor<'de> for CheckedSkip {
+    type Value = CheckedSkip;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> std::result::Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> std::result::Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> std::result::Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> std::result::Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> std::result::Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_unit<E: de::Error>(self) -> std::result::Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Self, A::Error> {
+        while seq.next_element::<CheckedSkip>()?.is_some() {}
+        Ok(self)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self, A::Error> {
+        while map.next_entry::<CheckedSkip, CheckedSkip>()?.is_some() {}
+        Ok(self)
+    }
 }
 
 fn de_u64_list<'de, D: de::Deserializer<'de>>(
@@ -145,10 +274,6 @@ fn de_u64_list<'de, D: de::Deserializer<'de>>(
             })
         })
         .collect()
-}
-
-fn de_shape<'de, D: de::Deserializer<'de>>(d: D) -> std::result::Result<Vec<u64>, D::Error> {
-    de_u64_list(d, "shape")
 }
 
 fn de_offsets<'de, D: de::Deserializer<'de>>(d: D) -> std::result::Result<(u64, u64), D::Error> {
@@ -292,7 +417,24 @@ impl<'de> DeserializeSeed<'de> for StringMapSeed {
                 ))
             }
         }
-        d.deserialize_map(V)
+        // `"__metadata__": null` means no metadata: the reference reads it as an Option.
+        struct Opt;
+        impl<'de> Visitor<'de> for Opt {
+            type Value = Vec<(String, String)>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"__metadata__\" as an object of string values, or null")
+            }
+            fn visit_none<E: de::Error>(self) -> std::result::Result<Self::Value, E> {
+                Ok(Vec::new())
+            }
+            fn visit_some<D: de::Deserializer<'de>>(
+                self,
+                d: D,
+            ) -> std::result::Result<Self::Value, D::Error> {
+                d.deserialize_map(V)
+            }
+        }
+        d.deserialize_option(Opt)
     }
 }
 
@@ -473,6 +615,40 @@ mod tests {
             let e = format!("{}", check(&header_of(&j, 0)).unwrap_err());
             assert!(e.contains("overflow"), "{e}");
         }
+    }
+
+    // Verdicts the reference `safetensors` (0.8) gives, checked against it by
+    // tests/test_properties_io.py.
+    #[test]
+    fn unknown_fields_are_parsed_like_the_reference() {
+        let with = |extra: &str| {
+            let j = format!(
+                r#"{{"a":{{"dtype":"F32","shape":[1],"data_offsets":[0,4],"z":{extra}}}}}"#
+            );
+            check(&header_of(&j, 4))
+        };
+        assert!(with("[1,{\"k\":null},\"s\",1.5,123456789012345678901234567890]").is_ok());
+        assert!(with("1e400").is_err(), "a number out of f64 range");
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(with(&deep(100)).is_ok());
+        let e = format!("{}", with(&deep(5000)).unwrap_err());
+        assert!(e.contains("recursion limit"), "{e}");
+        // Positional entries, as serde's derive accepts them.
+        let seq = r#"{"a":["F32",[1],[0,4]]}"#;
+        assert_eq!(check(&header_of(seq, 4)).unwrap().tensors[0].len, 4);
+        let dup = r#"{"a":{"dtype":"F32","shape":[1],"shape":[1],"data_offsets":[0,4]}}"#;
+        assert!(format!("{}", check(&header_of(dup, 4)).unwrap_err()).contains("duplicate field"));
+        let missing = r#"{"a":{"dtype":"F32","data_offsets":[0,4]}}"#;
+        assert!(format!("{}", check(&header_of(missing, 4)).unwrap_err()).contains("missing field"));
+    }
+
+    #[test]
+    fn null_metadata_is_no_metadata() {
+        let h = check(&header_of(r#"{"__metadata__":null}"#, 0)).unwrap();
+        assert!(h.metadata.is_empty());
+        let twice = r#"{"__metadata__":null,"__metadata__":{}}"#;
+        assert!(format!("{}", check(&header_of(twice, 0)).unwrap_err()).contains("duplicate"));
+        assert!(check(&header_of(r#"{"__metadata__":{"a":null}}"#, 0)).is_err());
     }
 
     #[test]

@@ -148,20 +148,31 @@ fn pair_transposed_experts(
         .filter(|m| m.kind == "shape" && is_fused_expert_weight(&m.tensor))
         .map(|m| m.tensor.clone())
         .collect();
+    // One name → tensor map per checkpoint: `Checkpoint::tensor` is a linear scan, and a file
+    // can hold any number of mismatched fused expert weights.
+    let by_name: Vec<std::collections::HashMap<&str, &crate::source::LogicalTensor>> =
+        if candidates.is_empty() {
+            Vec::new()
+        } else {
+            ckpts
+                .iter()
+                .map(|c| c.tensors.iter().map(|t| (t.name.as_str(), t)).collect())
+                .collect()
+        };
     for name in candidates {
-        let Some(base) = ckpts[0].tensor(&name) else {
+        let Some(&base) = by_name[0].get(name.as_str()) else {
             continue;
         };
         let [e, a, b] = base.shape[..] else { continue };
         let mut per = vec![base.clone()];
         let mut swap = vec![false];
-        for c in &ckpts[1..] {
-            match c.tensor(&name) {
-                Some(t) if t.shape == base.shape && orient(t) == orient(base) => swap.push(false),
-                Some(t) if t.shape[..] == [e, b, a] && orient(t) != orient(base) => swap.push(true),
+        for map in &by_name[1..] {
+            match map.get(name.as_str()) {
+                Some(&t) if t.shape == base.shape && orient(t) == orient(base) => swap.push(false),
+                Some(&t) if t.shape[..] == [e, b, a] && orient(t) != orient(base) => swap.push(true),
                 _ => break,
             }
-            per.push(c.tensor(&name).expect("matched above").clone());
+            per.push((*map.get(name.as_str()).expect("matched above")).clone());
         }
         if per.len() != ckpts.len() {
             continue;
