@@ -572,6 +572,8 @@ DELIBERATE = {
     "5 MXFP4 blocks and scales that do not match": raw(
         '{"e_blocks":{"dtype":"U8","shape":[2,1,16],"data_offsets":[0,32]},'
         '"e_scales":{"dtype":"U8","shape":[2,2],"data_offsets":[32,36]}}', b"\0" * 36),
+    "6 more than 200000 tensors in one file": raw(
+        "{" + ",".join(f'"t{i}":' + Z for i in range(200_001)) + "}"),
 }
 
 

@@ -27,6 +27,13 @@ use crate::error::{Error, Result};
 /// Largest header accepted, as in the reference implementation.
 pub const MAX_HEADER_BYTES: u64 = 100_000_000;
 
+/// Most tensor entries accepted in one file. The reference has no such limit; we do because each
+/// listed tensor costs about a kilobyte downstream, and Rust aborts (it cannot raise) when an
+/// allocation fails, so a 100 MB header of 1.7 million empty entries would otherwise take the
+/// process down under a memory limit instead of failing with a message. Real shards hold a few
+/// thousand tensors; the largest single-file MoE checkpoints we know of, under 100 thousand.
+pub const MAX_TENSORS_PER_FILE: usize = 200_000;
+
 /// One tensor entry of a validated header.
 #[derive(Debug, Clone)]
 pub struct RawTensor {
@@ -358,6 +365,12 @@ impl<'de> Visitor<'de> for HeaderVisitor<'_> {
                     "duplicate tensor name (each name must appear once)",
                 ));
             }
+            if entries.len() == MAX_TENSORS_PER_FILE {
+                return Err(de::Error::custom(format!(
+                    "more than {MAX_TENSORS_PER_FILE} tensors in one file (a limit of forgetscope, \
+                     not of the format: see docs/validation.md)"
+                )));
+            }
             let entry: Entry = map.next_value()?;
             entries.push((key, entry));
             *self.current.borrow_mut() = None;
@@ -606,6 +619,20 @@ mod tests {
         assert!(format!("{}", check(&header_of(hole, 8)).unwrap_err()).contains("hole"));
         let overlap = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
         assert!(format!("{}", check(&header_of(overlap, 8)).unwrap_err()).contains("overlap"));
+    }
+
+    #[test]
+    fn tensor_count_limit() {
+        let entries = |n: usize| {
+            let parts: Vec<String> = (0..n)
+                .map(|i| format!(r#""t{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}"#))
+                .collect();
+            format!("{{{}}}", parts.join(","))
+        };
+        let ok = check(&header_of(&entries(MAX_TENSORS_PER_FILE), 0)).unwrap();
+        assert_eq!(ok.tensors.len(), MAX_TENSORS_PER_FILE);
+        let e = check(&header_of(&entries(MAX_TENSORS_PER_FILE + 1), 0)).unwrap_err();
+        assert!(e.to_string().contains("more than 200000 tensors"), "{e}");
     }
 
     #[test]
