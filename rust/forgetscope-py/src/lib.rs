@@ -7,6 +7,7 @@ mod convert;
 mod errors;
 mod fingerprint;
 mod metrics;
+mod partial;
 mod routing;
 mod run;
 
@@ -187,5 +188,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<metrics::PyMinibatchCka>()?;
     routing::register(m)?;
     fingerprint::register(m)?;
+    partial::register(m)?;
     Ok(())
 }
