@@ -273,8 +273,8 @@ fn atoms(prep: &Prep) -> Vec<Vec<usize>> {
     }
     if let Prep::Analyze(p) = prep {
         for u in &p.units {
-            let a = root(&mut parent, u.members[0].tensor);
             for m in &u.members[1..] {
+                let a = root(&mut parent, u.members[0].tensor);
                 let b = root(&mut parent, m.tensor);
                 parent[b.max(a)] = b.min(a);
             }
