@@ -24,6 +24,7 @@ Progress from every task is gathered by a small actor and shown as one bar.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -55,6 +56,9 @@ def connect(address: Optional[str] = None) -> Any:
         kw: Dict[str, Any] = {"logging_level": logging.WARNING}
         if address is None and not os.environ.get("RAY_ADDRESS"):
             kw["include_dashboard"] = False
+            # Ray runs workers at nice 15 by default; on a shared machine that hands the CPU to every
+            # other process while our tasks are the job (`ray job submit` sets 0 for the same reason).
+            os.environ.setdefault("RAY_worker_niceness", "0")
         try:
             ray.init(address=address, **kw)
         except (ConnectionError, ValueError, RuntimeError) as e:
@@ -171,7 +175,8 @@ def run(
         paths: checkpoints (absolute; every node must see them at these paths).
         spec: the core options (see ``forgetscope.api``); ``threads`` is replaced by ``task_cpus``.
         address: Ray address (default: ``RAY_ADDRESS``, an initialised Ray, or a new local cluster).
-        parts: number of parts (default: twice the number of tasks that fit the cluster at once).
+        parts: number of parts (default: ``FORGETSCOPE_RAY_PARTS``, else twice the number of tasks that fit
+            the cluster at once).
         task_cpus: CPUs (and Rust threads) per task.
         max_retries: re-runs of a part whose worker died.
         progress: called as ``progress(done_bytes, total_bytes, done_tensors, total_tensors)``.
@@ -190,6 +195,13 @@ def run(
     if not nodes:
         raise UsageError("the Ray cluster has no alive node with CPUs")
     slots = sum(max(int(n["Resources"]["CPU"]) // task_cpus, 1) for n in nodes)
+    if parts is None and os.environ.get("FORGETSCOPE_RAY_PARTS"):
+        try:
+            parts = int(os.environ["FORGETSCOPE_RAY_PARTS"])
+        except ValueError:
+            raise UsageError(f"FORGETSCOPE_RAY_PARTS={os.environ['FORGETSCOPE_RAY_PARTS']!r} is not an integer") from None
+        if parts < 1:
+            raise UsageError(f"FORGETSCOPE_RAY_PARTS must be at least 1, got {parts}")
     n_parts = parts if parts is not None else 2 * slots
 
     remote = _remotes(ray)
@@ -209,8 +221,10 @@ def run(
         if other != fp:
             bad = next((i for i in range(len(paths)) if other[i] != fp[i]), None)
             what = f"checkpoint {paths[bad]}" if bad is not None else "the options or forgetscope version"
-            raise ForgetscopeError(f"{what} differs between {first['node']} and {c['node']} (size, mtime or "
+            err = ForgetscopeError(f"{what} differs between {first['node']} and {c['node']} (size, mtime or "
                                    "header): every node must read the same files at the same path")
+            err.path = paths[bad] if bad is not None else None
+            raise err
     plan = first["plan"]
     work = plan["parts"]
 
@@ -266,4 +280,14 @@ def run(
             ray.kill(actor)
     if progress is not None:
         progress(total_bytes, total_bytes, plan["n_tensors"], plan["n_tensors"])
-    return out
+    return _with_engine_stats(out, {"engine": "ray", "parts": len(work), "nodes": len(nodes),
+                                    "threads_per_task": task_cpus, "max_retries": max_retries})
+
+
+def _with_engine_stats(out: Any, extra: Dict[str, Any]) -> Any:
+    """The merged result with how it was run added to its ``stats`` (provenance only)."""
+    *cols, meta_json = out
+    meta = json.loads(meta_json)
+    stats = meta["trajectory"]["stats"] if "trajectory" in meta else meta["stats"]
+    stats.update(extra)
+    return (*cols, json.dumps(meta))
