@@ -44,7 +44,7 @@ fn job(py: Python<'_>, spec: JobSpec) -> PyResult<Job> {
     };
     match spec.kind.as_str() {
         "trajectory" => Ok(Job::Trajectory(run)),
-        "analyze" => Ok(Job::Analyze(AnalyzeOptions {
+        "analyze" => Ok(Job::Analyze(Box::new(AnalyzeOptions {
             run,
             metrics: metric_set(py, &spec.metrics)?,
             spectral: core::metrics::spectral::SpectralOptions {
@@ -57,7 +57,7 @@ fn job(py: Python<'_>, spec: JobSpec) -> PyResult<Job> {
             },
             severe_z: spec.severe_z,
             config: load_config(py, spec.model_config)?,
-        })),
+        }))),
         other => Err(crate::errors::to_pyerr(
             py,
             core::Error::Config {

@@ -256,6 +256,10 @@ pub(crate) struct Prepared {
     pub opts: AnalyzeOptions,
 }
 
+/// What [`execute`] returns: the streamed tensors' accumulators (None where not streamed) and
+/// `(unit index, result)` in unit order.
+pub(crate) type Executed = (Vec<Option<DriftAcc>>, Vec<(usize, UnitResult)>);
+
 /// One unit's metrics and its members' drift accumulators (in member order).
 pub(crate) struct UnitResult {
     pub out: compute::UnitOut,
@@ -377,7 +381,7 @@ pub(crate) fn execute(
     p: &Prepared,
     select: Option<&[bool]>,
     control: &Control,
-) -> Result<(Vec<Option<DriftAcc>>, Vec<(usize, UnitResult)>)> {
+) -> Result<Executed> {
     let (ckpts, plan, budget, opts) = (&p.ckpts, &p.plan, &p.budget, &p.opts);
     let chosen = |t: usize| select.is_none_or(|s| s[t]);
     let include: Vec<bool> = (0..plan.tensors.len())

@@ -51,7 +51,7 @@ pub enum Job {
     /// `trajectory`: per-tensor drift.
     Trajectory(RunOptions),
     /// `analyze`: every weight metric.
-    Analyze(AnalyzeOptions),
+    Analyze(Box<AnalyzeOptions>),
 }
 
 impl Job {
@@ -432,7 +432,9 @@ fn open_part<'a>(bytes: &'a [u8], kind: u8, fp: &[u64], i: usize) -> Result<Read
     let ok = bytes.len() >= MAGIC.len() && &bytes[..MAGIC.len()] == MAGIC;
     if !ok {
         return Err(Error::Config {
-            reason: format!("part {i} is not a forgetscope partial result (or from another format version)"),
+            reason: format!(
+                "part {i} is not a forgetscope partial result (or from another format version)"
+            ),
         });
     }
     for _ in 0..MAGIC.len() {
@@ -534,7 +536,7 @@ pub fn merge_analysis(
     seconds: f64,
 ) -> Result<AnalysisReport> {
     let paths = as_paths(paths);
-    let job = Job::Analyze(opts.clone());
+    let job = Job::Analyze(Box::new(opts.clone()));
     let prep = prepare(&paths, &job, &Control::new())?;
     let fp = fingerprint(&prep, &job);
     check_fingerprint(&paths, &fp, expected)?;

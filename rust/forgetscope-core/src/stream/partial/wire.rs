@@ -147,7 +147,11 @@ impl<'a> Reader<'a> {
             .ok_or_else(|| bad(format!("unknown label {s:?}")))
     }
     pub fn opt_u32(&mut self) -> Result<Option<u32>> {
-        Ok(if self.bool()? { Some(self.u32()?) } else { None })
+        Ok(if self.bool()? {
+            Some(self.u32()?)
+        } else {
+            None
+        })
     }
     pub fn f64s(&mut self) -> Result<Vec<f64>> {
         let n = self.len(8)?;
