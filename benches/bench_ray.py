@@ -117,6 +117,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--analyze-reps", type=int, default=3, help="reps of the full analyze (spectra)")
     ap.add_argument("--jobs", default="trajectory,analyze_nospec,analyze")
     ap.add_argument("--results-dir", default=str(HERE / "results"))
+    ap.add_argument("--label", default="", help="suffix of the results file: ray-<date>-<label>.json")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
 
@@ -217,7 +218,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   "(node check, scheduling, merge)"],
     }
     if not args.no_save:
-        out = Path(args.results_dir) / f"ray-{_dt.date.today().isoformat()}.json"
+        out = Path(args.results_dir) / f"ray-{_dt.date.today().isoformat()}{'-' + args.label if args.label else ''}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1, default=str) + "\n")
         print(f"wrote {out}")
