@@ -194,7 +194,9 @@ def run(
     nodes = _nodes(ray)
     if not nodes:
         raise UsageError("the Ray cluster has no alive node with CPUs")
-    slots = sum(max(int(n["Resources"]["CPU"]) // task_cpus, 1) for n in nodes)
+    slots = sum(int(n["Resources"]["CPU"]) // task_cpus for n in nodes)
+    if slots == 0:
+        raise UsageError(f"no node of the Ray cluster has {task_cpus} CPUs for one task; lower --threads")
     if parts is None and os.environ.get("FORGETSCOPE_RAY_PARTS"):
         try:
             parts = int(os.environ["FORGETSCOPE_RAY_PARTS"])
