@@ -6,8 +6,8 @@ mod analyze;
 mod convert;
 mod errors;
 mod fingerprint;
+mod partial; // split/merge of a run for engine="ray"
 mod metrics;
-mod partial;
 mod routing;
 mod run;
 
@@ -186,8 +186,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?)?;
     m.add_class::<metrics::PyStreamingCka>()?;
     m.add_class::<metrics::PyMinibatchCka>()?;
+    partial::register(m)?;
     routing::register(m)?;
     fingerprint::register(m)?;
-    partial::register(m)?;
     Ok(())
 }
