@@ -6,8 +6,8 @@ mod analyze;
 mod convert;
 mod errors;
 mod fingerprint;
-mod partial; // split/merge of a run for engine="ray"
 mod metrics;
+mod partial;
 mod routing;
 mod run;
 
