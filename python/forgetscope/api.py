@@ -79,6 +79,8 @@ def trajectory(
     allow_external_symlinks: bool = False,
     progress: Optional[ProgressFn] = None,
     chunk_size: Optional[Union[int, str]] = None,
+    engine: str = "local",
+    address: Optional[str] = None,
 ) -> TrajectoryResults:
     """Weight trajectories of every tensor from ``base`` through ``checkpoints``.
 
@@ -94,6 +96,9 @@ def trajectory(
         progress: called about every 100 ms as ``progress(done_bytes, total_bytes, done_tensors, total_tensors)``.
         chunk_size: bytes per checkpoint read at a time (default: ≤ 512 KiB, sized so a worker's
             chunks stay in cache); results agree to f64 rounding whatever the size.
+        engine: ``"local"`` (in-process, the default) or ``"ray"`` (Ray tasks over a cluster; needs
+            ``forgetscope[ray]``; identical results; ``threads`` is then per task, default 1).
+        address: Ray cluster address for ``engine="ray"`` (default: ``RAY_ADDRESS`` or a local cluster).
 
     Returns:
         TrajectoryResults with one row per (tensor, checkpoint t ≥ 1).
@@ -105,15 +110,47 @@ def trajectory(
     """
     if not checkpoints:
         raise UsageError("trajectory needs a base and at least one more checkpoint")
-    cols, meta = _core.trajectory(
-        [os.fspath(p) for p in (base, *checkpoints)],
-        threads=resolve_threads(threads),
-        memory_budget=parse_size(memory_budget),
-        allow_external_symlinks=allow_external_symlinks,
-        progress=progress,
-        chunk_bytes=None if chunk_size is None else parse_size(chunk_size),
-    )
+    paths = [os.fspath(p) for p in (base, *checkpoints)]
+    kw = dict(memory_budget=parse_size(memory_budget), allow_external_symlinks=allow_external_symlinks,
+              chunk_bytes=None if chunk_size is None else parse_size(chunk_size))
+    if _engine(engine, address) == "ray":
+        cols, meta = _run_ray("trajectory", paths, kw, threads, address, progress)
+    else:
+        cols, meta = _core.trajectory(paths, threads=resolve_threads(threads), progress=progress, **kw)
     return TrajectoryResults(cols, json.loads(meta))
+
+
+# --- engine selection (engine="ray": forgetscope._ray) ---------------------------------------------
+
+#: Engines of ``trajectory`` / ``analyze`` / ``check``.
+ENGINES = ("local", "ray")
+
+
+def _engine(engine: str, address: Optional[str]) -> str:
+    if engine not in ENGINES:
+        raise UsageError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    if address is not None and engine != "ray":
+        raise UsageError("address is only used with engine='ray'")
+    return engine
+
+
+def _run_ray(kind: str, paths: Sequence[str], kw: Dict[str, Any], threads: Optional[int],
+             address: Optional[str], progress: Optional[ProgressFn]) -> Any:
+    """One job on Ray with the same core options as the in-process call; ``threads`` is per task."""
+    from . import _ray
+
+    spec: Dict[str, Any] = dict(kind=kind, threads=1, memory_budget=kw["memory_budget"],
+                                allow_external_symlinks=kw["allow_external_symlinks"],
+                                chunk_bytes=kw.get("chunk_bytes"), metrics=kw.get("metrics", []),
+                                model_config=kw.get("model_config"), spectra_k=kw.get("spectra_k", 8),
+                                spectra_oversample=kw.get("spectra_oversample", 8),
+                                spectra_power_iters=kw.get("spectra_power_iters", 1),
+                                spectra_exact_max_dim=kw.get("spectra_exact_max_dim", 512),
+                                seed=kw.get("seed", 0), severe_z=kw.get("severe_z", 3.0))
+    task_cpus = 1 if threads is None else resolve_threads(threads)
+    return _ray.run(kind, paths, spec, address=address, task_cpus=task_cpus, progress=progress)
+
+# --- end engine selection ---------------------------------------------------------------------------
 
 
 def inspect(path: PathLike, *, allow_external_symlinks: bool = False) -> Inspection:
@@ -172,6 +209,8 @@ def analyze(
     memory_budget: Union[int, str] = ANALYZE_MEMORY_BUDGET,
     allow_external_symlinks: bool = False,
     progress: Optional[Callable[[str], Optional[ProgressFn]]] = None,
+    engine: str = "local",
+    address: Optional[str] = None,
 ) -> Analysis:
     """Every weight metric of a fine-tune in one pass: per tensor, per head, per expert, per router,
     per layer, spectra and subspaces (and hyperspherical energy on request).
@@ -202,6 +241,9 @@ def analyze(
             attention layer, a matrix) that needs more than half of it keeps its per-tensor metrics
             and lists the rest in ``Analysis.skipped``.
         progress: ``progress(stage)`` returns the progress callback for that stage ("analyze", "he").
+        engine: ``"local"`` (in-process, the default) or ``"ray"``: the weight metrics run as Ray tasks
+            (identical results; ``threads`` is then per task). HE and ``router_hidden`` stay in-process.
+        address: Ray cluster address for ``engine="ray"``.
 
     Raises:
         InvalidCheckpointError: malformed or unsafe input, or a malformed config (names the file).
@@ -226,6 +268,7 @@ def analyze(
     if not (isinstance(severe_z, (int, float)) and severe_z > 0 and severe_z == severe_z):
         raise UsageError(f"severe_z must be a positive number, got {severe_z!r}")
     paths = [os.fspath(p) for p in (base, *checkpoints)]
+    _engine(engine, address)
     th = resolve_threads(threads)
     budget = parse_size(memory_budget)
     stage = progress or (lambda _name: None)
@@ -233,13 +276,17 @@ def analyze(
     tables = {}
     meta: dict = {}
     if checkpoints:
-        cols, raw_tables, meta_json = _core.analyze(
-            paths, metrics=[m for m in chosen if m != "hyperspherical_energy"], threads=th, memory_budget=budget,
-            allow_external_symlinks=allow_external_symlinks, progress=stage("analyze"),
-            model_config=None if model_config is None else os.fspath(model_config),
-            spectra_k=spectra_k, spectra_oversample=spectra_oversample, spectra_power_iters=spectra_power_iters,
-            spectra_exact_max_dim=spectra_exact_max_dim, seed=seed, severe_z=float(severe_z),
-        )
+        kw = dict(metrics=[m for m in chosen if m != "hyperspherical_energy"], memory_budget=budget,
+                  allow_external_symlinks=allow_external_symlinks,
+                  model_config=None if model_config is None else os.fspath(model_config),
+                  spectra_k=spectra_k, spectra_oversample=spectra_oversample, spectra_power_iters=spectra_power_iters,
+                  spectra_exact_max_dim=spectra_exact_max_dim, seed=seed, severe_z=float(severe_z))
+        if _engine(engine, address) == "ray":
+            if kw["model_config"] is not None:
+                kw["model_config"] = os.path.abspath(kw["model_config"])
+            cols, raw_tables, meta_json = _run_ray("analyze", paths, kw, threads, address, stage("analyze"))
+        else:
+            cols, raw_tables, meta_json = _core.analyze(paths, threads=th, progress=stage("analyze"), **kw)
         meta = json.loads(meta_json)
         traj = TrajectoryResults(cols, meta["trajectory"])
         table_meta = {"schema_version": meta["schema_version"], "structure": meta["structure"],

@@ -43,6 +43,16 @@ def _common_run(p: argparse.ArgumentParser, memory_default: str = "512MiB") -> N
                    help="follow symlinks that leave a checkpoint directory (Hugging Face blobs/ is always allowed)")
 
 
+def _engine_opts(p: argparse.ArgumentParser) -> None:
+    """--engine / --address of trajectory, analyze and check (forgetscope._ray)."""
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: in-process (default); ray: Ray tasks over a cluster, identical results "
+                        "(needs forgetscope[ray]; checkpoints on storage every node sees at the same path; "
+                        "--threads is then per task, default 1)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address for --engine ray (default: RAY_ADDRESS, or start a local cluster)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="forgetscope", description="What did the fine-tune overwrite? Checkpoint forensics from safetensors.")
     p.add_argument("--version", action="version", version=f"forgetscope {__version__}")
@@ -68,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--metric", default="rel_delta", choices=["rel_delta", "fro_delta", "one_minus_cos", "step_drift", "path_length"],
                    help="metric ranking the top movers (default rel_delta)")
     _common_run(t)
+    _engine_opts(t)
     a = sub.add_parser("analyze", help="every weight metric in one pass: per tensor, head, expert, router, layer, spectra")
     a.add_argument("base", help="the reference checkpoint")
     a.add_argument("checkpoints", nargs="*", help="later checkpoints, in order (none: HE of the base only)")
@@ -101,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="device for --probe (default: cuda when available)")
     _common_run(a, memory_default="2GiB")
+    _engine_opts(a)
     from .report import cli as report_cli
 
     report_cli.add_analyze_options(a)
@@ -108,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .check.command import add_parser as _add_check
 
     _add_check(sub, _common_run)
+    _engine_opts(sub.choices["check"])
     from . import outputs
 
     outputs.add_parser(sub)
@@ -150,6 +163,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             he_max_neurons=args.he_max_neurons, he_half_space=args.he_half_space, seed=args.seed,
             threads=args.threads, memory_budget=args.memory_budget,
             allow_external_symlinks=args.allow_external_symlinks, progress=stage,
+            engine=args.engine, address=args.address,
         )
     finally:
         for b in bars:
@@ -199,6 +213,7 @@ def _run_trajectory(paths: Sequence[str], args: argparse.Namespace) -> int:
         res = trajectory(
             paths[0], *paths[1:], threads=args.threads, memory_budget=args.memory_budget,
             allow_external_symlinks=args.allow_external_symlinks, progress=bar, chunk_size=args.chunk_size,
+            engine=getattr(args, "engine", "local"), address=getattr(args, "address", None),
         )
     finally:
         bar.close()

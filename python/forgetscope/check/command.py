@@ -146,6 +146,7 @@ def _analyze(args: argparse.Namespace, policy) -> "object":
             he_max_neurons=args.he_max_neurons, he_half_space=args.he_half_space, seed=args.seed,
             threads=args.threads, memory_budget=args.memory_budget,
             allow_external_symlinks=args.allow_external_symlinks, progress=stage,
+            engine=getattr(args, "engine", "local"), address=getattr(args, "address", None),
         )
     finally:
         for b in bars:

@@ -11,7 +11,7 @@ use pyo3::types::PyDict;
 use crate::convert::table_to_dict;
 use crate::run::run_detached;
 
-fn metric_set(py: Python<'_>, metrics: &[String]) -> PyResult<MetricSet> {
+pub(crate) fn metric_set(py: Python<'_>, metrics: &[String]) -> PyResult<MetricSet> {
     let mut m = MetricSet {
         head_drift: false,
         expert_drift: false,
@@ -38,7 +38,7 @@ fn metric_set(py: Python<'_>, metrics: &[String]) -> PyResult<MetricSet> {
     Ok(m)
 }
 
-fn load_config(py: Python<'_>, path: Option<PathBuf>) -> PyResult<Option<ModelConfig>> {
+pub(crate) fn load_config(py: Python<'_>, path: Option<PathBuf>) -> PyResult<Option<ModelConfig>> {
     path.map(|p| ModelConfig::from_file(&p))
         .transpose()
         .map_err(|e| crate::errors::to_pyerr(py, e))

@@ -8,6 +8,7 @@ mod errors;
 mod fingerprint;
 mod gradient_interference;
 mod metrics;
+mod partial;
 mod routing;
 mod run;
 
@@ -186,6 +187,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?)?;
     m.add_class::<metrics::PyStreamingCka>()?;
     m.add_class::<metrics::PyMinibatchCka>()?;
+    partial::register(m)?;
     routing::register(m)?;
     fingerprint::register(m)?;
     gradient_interference::register(m)?;

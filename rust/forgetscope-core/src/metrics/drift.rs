@@ -254,6 +254,50 @@ pub struct StepMetrics {
     pub n_inf: u64,
 }
 
+/// Exact byte form, for partial results computed in another process (`stream::partial`).
+impl DriftAcc {
+    pub(crate) fn put(&self, w: &mut crate::stream::partial::wire::Writer) {
+        w.usize(self.n);
+        for v in [&self.sq, &self.delta_sq, &self.step_sq, &self.step_dot] {
+            w.f64s(v);
+        }
+        for v in [&self.unchanged, &self.nan, &self.inf] {
+            w.u64s(v);
+        }
+        w.u64(self.numel);
+    }
+
+    pub(crate) fn get(r: &mut crate::stream::partial::wire::Reader) -> crate::Result<Self> {
+        let acc = DriftAcc {
+            n: r.usize()?,
+            sq: r.f64s()?,
+            delta_sq: r.f64s()?,
+            step_sq: r.f64s()?,
+            step_dot: r.f64s()?,
+            unchanged: r.u64s()?,
+            nan: r.u64s()?,
+            inf: r.u64s()?,
+            numel: r.u64()?,
+        };
+        let n = acc.n;
+        let lens = [
+            acc.sq.len(),
+            acc.delta_sq.len(),
+            acc.step_sq.len(),
+            acc.step_dot.len(),
+            acc.unchanged.len(),
+            acc.nan.len(),
+            acc.inf.len(),
+        ];
+        if n < 2 || lens.iter().any(|&l| l != n) {
+            return Err(crate::Error::Config {
+                reason: format!("cannot decode a partial result: drift accumulator of {n} checkpoints with vectors of {lens:?}"),
+            });
+        }
+        Ok(acc)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,6 +40,11 @@ impl FileIdentity {
         self.len
     }
 
+    /// Modification time at open time, in nanoseconds since the epoch.
+    pub fn mtime_ns(&self) -> i128 {
+        self.mtime_ns
+    }
+
     /// True when the file was empty at open time.
     pub fn is_empty(&self) -> bool {
         self.len == 0

@@ -6,6 +6,7 @@ mod budget;
 mod driver;
 pub mod fingerprint;
 pub mod he_pass;
+pub mod partial;
 mod plan;
 pub(crate) mod reader;
 pub mod rows;

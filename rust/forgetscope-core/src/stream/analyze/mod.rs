@@ -8,10 +8,10 @@
 //! than half the memory budget is not made resident; its tensors still get every per-tensor metric
 //! and the skipped metrics are listed with the reason.
 
-mod compute;
-mod resident;
+pub(crate) mod compute;
+pub(crate) mod resident;
 pub(crate) mod summary;
-mod units;
+pub(crate) mod units;
 
 use std::path::Path;
 use std::sync::mpsc::sync_channel;
@@ -238,7 +238,50 @@ pub fn analyze(
     opts: &AnalyzeOptions,
     control: &Control,
 ) -> Result<AnalysisReport> {
-    let paths = as_paths(paths);
+    let prepared = prepare(&as_paths(paths), opts, control)?;
+    let started = Instant::now();
+    let (streamed, computed) = execute(&prepared, None, control)?;
+    let mut results: Vec<Option<UnitResult>> = prepared.units.iter().map(|_| None).collect();
+    for (i, r) in computed {
+        results[i] = Some(r);
+    }
+    finish(prepared, streamed, results, started.elapsed().as_secs_f64())
+}
+
+/// Everything decided before any tensor data is read: the checkpoints, the plan, the structure,
+/// the units and which tensors stream. It is a function of the headers, the config and the options
+/// only, so every process that prepares the same inputs gets the same tensor and unit indices —
+/// which is what lets [`crate::stream::partial`] run a subset elsewhere and merge exactly.
+pub(crate) struct Prepared {
+    pub ckpts: Vec<Checkpoint>,
+    pub plan: super::Plan,
+    pub structure: crate::layout::Structure,
+    pub units: Vec<units::Unit>,
+    pub skipped: Vec<AnalysisSkip>,
+    /// Tensors streamed in chunks (neither resident nor paired across orientations).
+    pub include: Vec<bool>,
+    /// Tensors paired across orientations whose units were dropped: NaN metrics.
+    pub unpaired: Vec<usize>,
+    pub budget: Budget,
+    /// The caller's options, with the spectral kernels' parallelism set to the run's workers.
+    pub opts: AnalyzeOptions,
+}
+
+/// What [`execute`] returns: the streamed tensors' accumulators (None where not streamed) and
+/// `(unit index, result)` in unit order.
+pub(crate) type Executed = (Vec<Option<DriftAcc>>, Vec<(usize, UnitResult)>);
+
+/// One unit's metrics and its members' drift accumulators (in member order).
+pub(crate) struct UnitResult {
+    pub out: compute::UnitOut,
+    pub accs: Vec<DriftAcc>,
+}
+
+pub(crate) fn prepare(
+    paths: &[std::path::PathBuf],
+    opts: &AnalyzeOptions,
+    control: &Control,
+) -> Result<Prepared> {
     if paths.len() < 2 {
         return Err(Error::Config {
             reason: "analyze needs a base and at least one more checkpoint".into(),
@@ -257,7 +300,7 @@ pub fn analyze(
         opts.run.chunk_bytes,
     )?;
     let mut ckpts = Vec::with_capacity(paths.len());
-    for p in &paths {
+    for p in paths {
         if control.is_cancelled() {
             return Err(Error::Cancelled);
         }
@@ -326,13 +369,45 @@ pub fn analyze(
         .zip(&swapped)
         .map(|(r, s)| !r && s.is_none())
         .collect();
+    // The spectral kernels split their big products over the run's workers.
+    let mut opts = opts.clone();
+    opts.spectral.par = faer::Par::rayon(budget.workers.max(1));
+    Ok(Prepared {
+        ckpts,
+        plan,
+        structure,
+        units,
+        skipped,
+        include,
+        unpaired,
+        budget,
+        opts,
+    })
+}
+
+/// Stream the streamed tensors and compute the units — all of them, or only those whose tensors
+/// `select` marks (a unit's members are always selected together). Returns the streamed tensors'
+/// accumulators (None where not streamed here) and `(unit index, result)` in unit order.
+pub(crate) fn execute(
+    p: &Prepared,
+    select: Option<&[bool]>,
+    control: &Control,
+) -> Result<Executed> {
+    let (ckpts, plan, budget, opts) = (&p.ckpts, &p.plan, &p.budget, &p.opts);
+    let chosen = |t: usize| select.is_none_or(|s| s[t]);
+    let include: Vec<bool> = (0..plan.tensors.len())
+        .map(|t| p.include[t] && chosen(t))
+        .collect();
+    let units: Vec<usize> = (0..p.units.len())
+        .filter(|&i| chosen(p.units[i].members[0].tensor))
+        .collect();
     control
         .total_tensors
         .store(0, std::sync::atomic::Ordering::Relaxed);
     control.total_bytes.store(
         units
             .iter()
-            .flat_map(|u| &u.members)
+            .flat_map(|&i| &p.units[i].members)
             .map(|m| {
                 let per = &plan.tensors[m.tensor].per_ckpt;
                 m.numel() * per.iter().map(|t| t.max_elem_bytes()).sum::<u64>()
@@ -340,13 +415,7 @@ pub fn analyze(
             .sum(),
         std::sync::atomic::Ordering::Relaxed,
     );
-
-    // The spectral kernels split their big products over the run's workers.
-    let mut opts = opts.clone();
-    opts.spectral.par = faer::Par::rayon(budget.workers.max(1));
-    let opts = &opts;
-    let started = Instant::now();
-    let mut accs = stream_drift(&ckpts, &plan, &budget, control, &include)?;
+    let accs = stream_drift(ckpts, plan, budget, control, &include)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(budget.workers.max(1))
         .thread_name(|i| format!("forgetscope-analyze-{i}"))
@@ -355,17 +424,17 @@ pub fn analyze(
             reason: format!("cannot start worker threads: {e}"),
         })?;
     let mut outs = Vec::with_capacity(units.len());
-    let mut partial: Vec<Option<DriftAcc>> = vec![None; plan.tensors.len()];
     std::thread::scope(|s| -> Result<()> {
         let (tx, rx) = sync_channel(1);
-        let (ckpts, plan, units, pool) = (&ckpts, &plan, &units, &pool);
+        let (units, pool) = (&units, &pool);
         s.spawn(move || {
-            for (i, u) in units.iter().enumerate() {
+            for &i in units {
                 if control.is_cancelled() {
                     return;
                 }
-                let r = pool
-                    .install(|| resident::read_unit(ckpts, plan, u, budget.chunk_bytes, control));
+                let r = pool.install(|| {
+                    resident::read_unit(ckpts, plan, &p.units[i], budget.chunk_bytes, control)
+                });
                 let failed = r.is_err();
                 if tx.send((i, r)).is_err() || failed {
                     return;
@@ -377,27 +446,49 @@ pub fn analyze(
             if control.is_cancelled() {
                 return Err(Error::Cancelled);
             }
-            let u = &units[i];
-            let out = pool.install(|| compute::compute_unit(u, &data, &structure, opts))?;
-            for (m, d) in u.members.iter().zip(&data) {
-                match &mut partial[m.tensor] {
-                    Some(acc) => acc.merge(&d.acc),
-                    slot @ None => *slot = Some(d.acc.clone()),
-                }
-            }
-            outs.push(out);
+            let u = &p.units[i];
+            let out = pool.install(|| compute::compute_unit(u, &data, &p.structure, opts))?;
+            let accs = data.into_iter().map(|d| d.acc).collect();
+            outs.push((i, UnitResult { out, accs }));
         }
         Ok(())
     })?;
     if control.is_cancelled() {
         return Err(Error::Cancelled);
     }
-    for (slot, p) in accs.iter_mut().zip(partial) {
+    Ok((accs, outs))
+}
+
+/// The report from the streamed accumulators and every unit's result. Members of several units
+/// (the expert slices of a fused tensor) merge in unit order, the order a single run uses, so the
+/// report does not depend on where or in which order the pieces were computed.
+pub(crate) fn finish(
+    p: Prepared,
+    mut accs: Vec<Option<DriftAcc>>,
+    results: Vec<Option<UnitResult>>,
+    seconds: f64,
+) -> Result<AnalysisReport> {
+    let n = p.ckpts.len();
+    let mut outs = Vec::with_capacity(p.units.len());
+    let mut partial: Vec<Option<DriftAcc>> = vec![None; p.plan.tensors.len()];
+    for (i, (u, r)) in p.units.iter().zip(results).enumerate() {
+        let r = r.ok_or_else(|| Error::Config {
+            reason: format!("no result for analysis unit {i} ({})", u.members[0].label),
+        })?;
+        for (m, acc) in u.members.iter().zip(&r.accs) {
+            match &mut partial[m.tensor] {
+                Some(a) => a.merge(acc),
+                slot @ None => *slot = Some(acc.clone()),
+            }
+        }
+        outs.push(r.out);
+    }
+    for (slot, q) in accs.iter_mut().zip(partial) {
         if slot.is_none() {
-            *slot = p;
+            *slot = q;
         }
     }
-    for t in unpaired {
+    for &t in &p.unpaired {
         let mut acc = DriftAcc::new(n);
         let nan = [f32::NAN];
         acc.update(&vec![&nan[..]; n]);
@@ -407,9 +498,12 @@ pub fn analyze(
         .into_iter()
         .map(|a| a.unwrap_or_else(|| DriftAcc::new(n)))
         .collect();
-    let seconds = started.elapsed().as_secs_f64();
-    let trajectory = trajectory_report(&ckpts, &plan, accs, &budget, seconds);
+    let trajectory = trajectory_report(&p.ckpts, &p.plan, accs, &p.budget, seconds);
     Ok(summary::assemble(
-        trajectory, structure, outs, skipped, opts,
+        trajectory,
+        p.structure,
+        outs,
+        p.skipped,
+        &p.opts,
     ))
 }
