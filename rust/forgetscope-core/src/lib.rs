@@ -10,6 +10,7 @@ pub mod dtype;
 pub mod error;
 pub mod layout;
 pub mod metrics;
+mod pool;
 pub mod results;
 mod simd;
 pub mod source;

@@ -1595,17 +1595,14 @@ pub fn routing_drift(
     let parts: Vec<RoutingDriftAcc> = if threads <= 1 || n_batches <= 1 {
         (0..n_batches).map(work).collect::<Result<_>>()?
     } else {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("forgetscope-router-{i}"))
-            .build()
-            .map_err(|e| config_err(format!("cannot start {threads} worker threads: {e}")))?;
-        pool.install(|| {
-            (0..n_batches)
-                .into_par_iter()
-                .map(work)
-                .collect::<Result<_>>()
-        })?
+        crate::pool::with_pool(threads, "forgetscope-router", |pool| {
+            pool.install(|| {
+                (0..n_batches)
+                    .into_par_iter()
+                    .map(work)
+                    .collect::<Result<_>>()
+            })
+        })??
     };
     for part in &parts {
         acc.merge(part)?;

@@ -114,55 +114,50 @@ pub(crate) fn stream_drift(
     let stop = AtomicBool::new(false);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
 
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(budget.workers)
-        .thread_name(|i| format!("forgetscope-{i}"))
-        .build()
-        .map_err(|e| Error::Config {
-            reason: format!("cannot start {} worker threads: {e}", budget.workers),
-        })?;
-    pool.broadcast(|_| {
-        let mut reader = ChunkReader::new(n);
-        loop {
-            if stop.load(Ordering::Relaxed) || control.is_cancelled() {
-                return;
-            }
-            let j = next.fetch_add(1, Ordering::Relaxed);
-            let Some(&i) = chunks.get(j) else {
-                return;
-            };
-            let chunk = &plan.chunks[i];
-            let pt = &plan.tensors[chunk.tensor];
-            let per: Vec<_> = pt.per_ckpt.iter().collect();
-            let mut acc = DriftAcc::new(n);
-            // Two plain-bf16 checkpoints (the common case) take the fused decode-as-you-go kernel.
-            let raw_bf16 = n == 2
-                && per
-                    .iter()
-                    .all(|t| matches!(t.encoding, Encoding::Plain) && t.data.dtype == Dtype::BF16);
-            let done = if raw_bf16 {
-                reader.for_each_raw_block(&refs, &per, chunk.e0, chunk.e1, |_, b| {
-                    acc.update_bf16_pair(b[0], b[1])
-                })
-            } else {
-                reader.for_each_block(&refs, &per, chunk.e0, chunk.e1, |_, w| acc.update(w))
-            };
-            match done {
-                Ok(()) => {
-                    let _ = slots[i].set(acc);
-                    control.done_bytes.fetch_add(chunk.bytes, Ordering::Relaxed);
-                    if remaining[chunk.tensor].fetch_sub(1, Ordering::AcqRel) == 1 {
-                        control.done_tensors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Err(e) => {
-                    stop.store(true, Ordering::Relaxed);
-                    first_error.lock().expect("error slot").get_or_insert(e);
+    crate::pool::with_pool(budget.workers, "forgetscope", |pool| {
+        pool.broadcast(|_| {
+            let mut reader = ChunkReader::new(n);
+            loop {
+                if stop.load(Ordering::Relaxed) || control.is_cancelled() {
                     return;
                 }
+                let j = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&i) = chunks.get(j) else {
+                    return;
+                };
+                let chunk = &plan.chunks[i];
+                let pt = &plan.tensors[chunk.tensor];
+                let per: Vec<_> = pt.per_ckpt.iter().collect();
+                let mut acc = DriftAcc::new(n);
+                // Two plain-bf16 checkpoints (the common case) take the fused decode-as-you-go kernel.
+                let raw_bf16 = n == 2
+                    && per.iter().all(|t| {
+                        matches!(t.encoding, Encoding::Plain) && t.data.dtype == Dtype::BF16
+                    });
+                let done = if raw_bf16 {
+                    reader.for_each_raw_block(&refs, &per, chunk.e0, chunk.e1, |_, b| {
+                        acc.update_bf16_pair(b[0], b[1])
+                    })
+                } else {
+                    reader.for_each_block(&refs, &per, chunk.e0, chunk.e1, |_, w| acc.update(w))
+                };
+                match done {
+                    Ok(()) => {
+                        let _ = slots[i].set(acc);
+                        control.done_bytes.fetch_add(chunk.bytes, Ordering::Relaxed);
+                        if remaining[chunk.tensor].fetch_sub(1, Ordering::AcqRel) == 1 {
+                            control.done_tensors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Err(e) => {
+                        stop.store(true, Ordering::Relaxed);
+                        first_error.lock().expect("error slot").get_or_insert(e);
+                        return;
+                    }
+                }
             }
-        }
-    });
+        })
+    })?;
     if let Some(e) = first_error.into_inner().expect("error slot") {
         return Err(e);
     }

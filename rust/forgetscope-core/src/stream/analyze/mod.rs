@@ -169,7 +169,9 @@ fn pair_transposed_experts(
         for map in &by_name[1..] {
             match map.get(name.as_str()) {
                 Some(&t) if t.shape == base.shape && orient(t) == orient(base) => swap.push(false),
-                Some(&t) if t.shape[..] == [e, b, a] && orient(t) != orient(base) => swap.push(true),
+                Some(&t) if t.shape[..] == [e, b, a] && orient(t) != orient(base) => {
+                    swap.push(true)
+                }
                 _ => break,
             }
             per.push((*map.get(name.as_str()).expect("matched above")).clone());
@@ -416,43 +418,38 @@ pub(crate) fn execute(
         std::sync::atomic::Ordering::Relaxed,
     );
     let accs = stream_drift(ckpts, plan, budget, control, &include)?;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(budget.workers.max(1))
-        .thread_name(|i| format!("forgetscope-analyze-{i}"))
-        .build()
-        .map_err(|e| Error::Config {
-            reason: format!("cannot start worker threads: {e}"),
-        })?;
     let mut outs = Vec::with_capacity(units.len());
-    std::thread::scope(|s| -> Result<()> {
-        let (tx, rx) = sync_channel(1);
-        let (units, pool) = (&units, &pool);
-        s.spawn(move || {
-            for &i in units {
+    crate::pool::with_pool(budget.workers.max(1), "forgetscope-analyze", |pool| {
+        std::thread::scope(|s| -> Result<()> {
+            let (tx, rx) = sync_channel(1);
+            let units = &units;
+            s.spawn(move || {
+                for &i in units {
+                    if control.is_cancelled() {
+                        return;
+                    }
+                    let r = pool.install(|| {
+                        resident::read_unit(ckpts, plan, &p.units[i], budget.chunk_bytes, control)
+                    });
+                    let failed = r.is_err();
+                    if tx.send((i, r)).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+            for (i, data) in rx {
+                let data = data?;
                 if control.is_cancelled() {
-                    return;
+                    return Err(Error::Cancelled);
                 }
-                let r = pool.install(|| {
-                    resident::read_unit(ckpts, plan, &p.units[i], budget.chunk_bytes, control)
-                });
-                let failed = r.is_err();
-                if tx.send((i, r)).is_err() || failed {
-                    return;
-                }
+                let u = &p.units[i];
+                let out = pool.install(|| compute::compute_unit(u, &data, &p.structure, opts))?;
+                let accs = data.into_iter().map(|d| d.acc).collect();
+                outs.push((i, UnitResult { out, accs }));
             }
-        });
-        for (i, data) in rx {
-            let data = data?;
-            if control.is_cancelled() {
-                return Err(Error::Cancelled);
-            }
-            let u = &p.units[i];
-            let out = pool.install(|| compute::compute_unit(u, &data, &p.structure, opts))?;
-            let accs = data.into_iter().map(|d| d.acc).collect();
-            outs.push((i, UnitResult { out, accs }));
-        }
-        Ok(())
-    })?;
+            Ok(())
+        })
+    })??;
     if control.is_cancelled() {
         return Err(Error::Cancelled);
     }

@@ -364,13 +364,6 @@ pub fn compare_fingerprint(
         reason: "QK/OV circuit drift is bilinear in the weights; a linear sketch cannot estimate it (NaN)".into(),
     });
 
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(budget.workers.max(1))
-        .thread_name(|i| format!("forgetscope-cmp-{i}"))
-        .build()
-        .map_err(|e| Error::Config {
-            reason: format!("cannot start worker threads: {e}"),
-        })?;
     let so = fp.spectral.options(faer::Par::rayon(budget.workers.max(1)));
     let family_softmax = st.family.softmax_router();
     let started = Instant::now();
@@ -379,17 +372,19 @@ pub fn compare_fingerprint(
         spectra: Vec::new(),
         subspaces: Vec::new(),
     };
-    let sketches = run_pass(&ckpt, &items, &budget, &pool, control, |j, values, _| {
-        let i = idx[j];
-        let name = fp.tensors[i].name.as_str();
-        for &k in svd_of.get(name).map(Vec::as_slice).unwrap_or(&[]) {
-            spectra_of(fp, k, &values, &so, &mut spec)?;
-        }
-        if whole_of.contains_key(name) {
-            cand_whole.insert(i, values);
-        }
-        Ok(())
-    })?;
+    let sketches = crate::pool::with_pool(budget.workers.max(1), "forgetscope-cmp", |pool| {
+        run_pass(&ckpt, &items, &budget, pool, control, |j, values, _| {
+            let i = idx[j];
+            let name = fp.tensors[i].name.as_str();
+            for &k in svd_of.get(name).map(Vec::as_slice).unwrap_or(&[]) {
+                spectra_of(fp, k, &values, &so, &mut spec)?;
+            }
+            if whole_of.contains_key(name) {
+                cand_whole.insert(i, values);
+            }
+            Ok(())
+        })
+    })??;
     let seconds = started.elapsed().as_secs_f64();
     let mut cand: Vec<Option<TensorSketch>> = vec![None; fp.tensors.len()];
     for (&i, sk) in idx.iter().zip(sketches) {

@@ -507,46 +507,41 @@ pub fn fingerprint(
             })
         })
         .collect::<Result<_>>()?;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(budget.workers.max(1))
-        .thread_name(|i| format!("forgetscope-fp-{i}"))
-        .build()
-        .map_err(|e| Error::Config {
-            reason: format!("cannot start worker threads: {e}"),
-        })?;
     let mut so = opts.spectral;
     so.par = faer::Par::rayon(budget.workers.max(1));
     let started = Instant::now();
     let mut whole = Vec::new();
     let mut svd = Vec::new();
-    let sketches = run_pass(&ckpt, &items, &budget, &pool, control, |i, values, _| {
-        let t = &ckpt.tensors[i];
-        for (label, expert, e0, m, n, transposed) in &targets[i] {
-            let a = &values[*e0 as usize..*e0 as usize + m * n];
-            // fro2 as analyze passes it (NaN: computed inside), so the results are identical.
-            let (stats, top) = spectral_stats(a, *m, *n, f64::NAN, &so)?;
-            svd.push(SvdPrint {
-                label: label.clone(),
-                tensor: t.name.clone(),
-                layer: st.roles[i].layer,
-                expert: *expert,
-                e0: *e0,
-                rows: *m,
-                cols: *n,
-                transposed: *transposed,
-                stats,
-                top,
-            });
-        }
-        if keep_whole(&st, i) {
-            whole.push(WholeTensor {
-                name: t.name.clone(),
-                shape: t.shape.clone(),
-                values,
-            });
-        }
-        Ok(())
-    })?;
+    let sketches = crate::pool::with_pool(budget.workers.max(1), "forgetscope-fp", |pool| {
+        run_pass(&ckpt, &items, &budget, pool, control, |i, values, _| {
+            let t = &ckpt.tensors[i];
+            for (label, expert, e0, m, n, transposed) in &targets[i] {
+                let a = &values[*e0 as usize..*e0 as usize + m * n];
+                // fro2 as analyze passes it (NaN: computed inside), so the results are identical.
+                let (stats, top) = spectral_stats(a, *m, *n, f64::NAN, &so)?;
+                svd.push(SvdPrint {
+                    label: label.clone(),
+                    tensor: t.name.clone(),
+                    layer: st.roles[i].layer,
+                    expert: *expert,
+                    e0: *e0,
+                    rows: *m,
+                    cols: *n,
+                    transposed: *transposed,
+                    stats,
+                    top,
+                });
+            }
+            if keep_whole(&st, i) {
+                whole.push(WholeTensor {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    values,
+                });
+            }
+            Ok(())
+        })
+    })??;
     let tensors = ckpt
         .tensors
         .iter()
