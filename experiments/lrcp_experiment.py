@@ -15,11 +15,16 @@ Two settings, each with the same data, steps and seeds for every method:
      ancestral task (sequences of a random Markov chain A), then fine-tuned on chain B. Ancestral
      score: next-token accuracy on held-out chain-A sequences; target score: the same on chain B.
 
-Methods: ``full_ft``, ``lora`` (r=8 on attention [+ FFN for MiniLM]), ``lrcp_full`` (full FT + LRCP-H
-on activation subspaces), ``lrcp_lora`` (LoRA + re-projected A), and published baselines:
-``osf`` (full FT with the top singular directions of W_0 frozen — the OSF/MiLoRA principal split,
-data-free), ``milora`` (LoRA initialised on the minor singular components) and ``hft`` (Half
-Fine-Tuning: a random half of each layer's weight matrices frozen).
+Methods: ``full_ft``, ``lora`` (r=8 on attention [+ FFN for MiniLM; + lm_head for the MoE]), ``lrcp_full``
+(full FT + LRCP-H on activation subspaces; optionally biases, norms and the ancestral embedding rows frozen,
+see :class:`ProtectConstants`), ``lrcp_lora`` (LoRA + re-projected A), and published baselines: ``osf``
+(PEFT's OSF: the top singular directions of every W_0 frozen on both sides, everything else frozen),
+``milora`` (LoRA initialised on the minor singular components) and ``hft`` (Half Fine-Tuning: a random
+half of each layer's weight matrices frozen).
+
+Settings (LRCP's ε, k cap and constant protection; OSF's frozen fraction; the MoE learning rates) were
+chosen with ``--select`` on a validation split (seed 100, ancestral and target sets disjoint from the
+reported ones) by a rule fixed from the issue's target; see :data:`CHOSEN` and results/lrcp_select.md.
 
 Reported per method (median and IQR over seeds): M% = 100·(A_m − A_b)/(A_0 − A_b) against the
 same-configuration baseline (full_ft for full-FT methods, lora for LoRA methods), target parity
@@ -28,6 +33,7 @@ to the baseline's), the raw ancestral and target scores. Metrics from ``forgetsc
 
     python experiments/lrcp_experiment.py                    # the full run (see experiments/README.md)
     python experiments/lrcp_experiment.py --quick            # a smoke run (~2-3 min)
+    python experiments/lrcp_experiment.py --select           # re-derive the settings on the validation split
 """
 
 from __future__ import annotations
