@@ -651,7 +651,7 @@ def defaults(args: argparse.Namespace, part: str) -> Dict[str, Any]:
 def run_part(part: Any, args: argparse.Namespace) -> Dict[str, Any]:
     runs: Dict[str, List[Dict[str, Any]]] = {m: [] for m in args.methods}
     a0s = []
-    for seed in range(args.seeds):
+    for seed in args.seed_list:
         a0s.append(part.seed_setup(seed, "test"))
         for method in args.methods:
             r = part.train(method, seed, "test")
@@ -816,6 +816,44 @@ def _finite(x: Any) -> Any:
     return x
 
 
+def merge(args: argparse.Namespace) -> int:
+    """One result from runs over disjoint seeds (the same settings): runs concatenated in seed order, the
+    summary recomputed; ``seconds`` is the longest wall time, ``cpu_seconds`` the sum."""
+    docs = [json.loads(Path(f).read_text()) for f in args.merge]
+    out: Dict[str, Any] = {"args": docs[0]["args"], "merged_from": list(args.merge),
+                           "seconds": max(d["seconds"] for d in docs), "cpu_seconds": sum(d["cpu_seconds"] for d in docs)}
+    for part in ("moe", "minilm"):
+        have = [d[part] for d in docs if part in d]
+        if not have:
+            continue
+        res = dict(have[0])
+        seeds = sorted({r["seed"] for h in have for rs in h["runs"].values() for r in rs})
+        runs = {m: sorted([r for h in have for r in h["runs"].get(m, [])], key=lambda r: r["seed"])
+                for m in have[0]["runs"]}
+        if part == "moe":
+            per_seed = {}
+            for h in have:
+                hs = sorted({r["seed"] for rs in h["runs"].values() for r in rs})
+                per_seed.update(dict(zip(hs, h["base_ancestral_per_seed"])))
+            a0s = [per_seed[s] for s in seeds]
+            res["base_ancestral_per_seed"] = a0s
+        else:
+            a0s = [res["base_ancestral"]] * len(seeds)
+        for r in runs.values():
+            for x in r:
+                if x.get("curve") is not None:
+                    x["curve"] = [math.nan if v is None else v for v in x["curve"]]
+        res["runs"], res["summary"] = runs, summarize(runs, a0s)
+        out[part] = res
+    ns = argparse.Namespace(**{**out["args"], "seeds": len(seeds), "quick": False})
+    prefix = Path(args.output) if args.output else HERE / "results" / "lrcp_full"
+    prefix.with_suffix(".json").write_text(json.dumps(_finite(out), indent=1, allow_nan=False, default=str))
+    md = markdown(out, ns)
+    prefix.with_suffix(".md").write_text(md + "\n")
+    print(md)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -843,6 +881,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, few steps (~3 min)")
     p.add_argument("--select", action="store_true",
                    help="choose the settings on the validation split instead (writes results/lrcp_select.*)")
+    p.add_argument("--seed-list", default=None, help="run these seeds only (comma-separated), e.g. to split a run "
+                   "over processes; combine the outputs with --merge")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="combine the results of runs over disjoint seeds into one table (writes -o or lrcp_full)")
     p.add_argument("-o", "--output", default=None,
                    help="results prefix (default experiments/results/lrcp_{full,smoke,select})")
     args = p.parse_args(argv)
@@ -853,10 +895,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for need, m in (("full_ft", FULL), ("lora", LORA)):
         if any(x in args.methods for x in m if x != need) and need not in args.methods:
             args.methods.insert(0, need)  # every method needs its same-configuration baseline
+    if args.merge:
+        return merge(args)
     if args.quick:
         args.seeds = min(args.seeds, 1)
         args.minilm_steps, args.minilm_pairs, args.minilm_probe = 30, 200, 48
         args.moe_pretrain_steps, args.moe_steps, args.eval_every = 200, 60, 10
+    args.seed_list = ([int(x) for x in args.seed_list.split(",") if x.strip()] if args.seed_list
+                      else list(range(args.seeds)))
+    args.seed_list = args.seed_list[:1] if args.quick else args.seed_list
     args.fit_energy = max([e for e, _, _ in LRCP_GRID] + [c["energy"] for c in CHOSEN.values()] + [args.energy or 0])
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
