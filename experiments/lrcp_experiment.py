@@ -76,6 +76,7 @@ sys.path.insert(0, str(HERE.parent / "python"))  # run from a checkout without i
 import forgetscope.cl as cl  # noqa: E402
 import forgetscope.lrcp as L  # noqa: E402
 from forgetscope.lrcp.capture import DEFAULT_EXCLUDE  # noqa: E402
+from forgetscope.lrcp.constants import ProtectConstants, embedding_counts  # noqa: E402
 
 FULL = ("full_ft", "lrcp_full", "osf", "hft")
 LORA = ("lora", "lrcp_lora", "milora")
@@ -165,72 +166,6 @@ def matrix_views(model: nn.Module, exclude: Sequence[str]) -> List[Tuple[torch.T
         elif p.dim() == 3:  # fused experts [E, a, b]
             out += [(p[e], f"{n}[{e}]") for e in range(p.shape[0])]
     return out
-
-
-class ProtectConstants:
-    """LRCP for the parameters that are not Linear weights [ours, METRICS §7.2 applied to them]:
-
-    - a bias is the weight of a constant input 1 carried by every ancestral token, and a norm's gain is a
-      diagonal map over inputs whose every coordinate carries ancestral energy, so ΔW U = 0 on these inputs
-      freezes them: every 1-D parameter (biases, LayerNorm/RMSNorm) is frozen;
-    - an embedding table is a weight on one-hot inputs, whose ancestral covariance is diag(token counts);
-      the energy rule at the same ε keeps the rows of the most frequent probe tokens, which are restored
-      after each step; rows of tokens the ancestral probe never used (a new task's new tokens) stay free.
-    """
-
-    def __init__(self, model: nn.Module, counts: Dict[str, torch.Tensor], energy: float) -> None:
-        self.rows: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self.frozen = 0
-        for n, p in model.named_parameters():
-            if p.dim() == 1 and p.requires_grad:
-                p.requires_grad_(False)
-                self.frozen += 1
-        mods = dict(model.named_modules())
-        for name, c in counts.items():
-            E = mods[name].weight
-            order = torch.argsort(c, descending=True)
-            cum = torch.cumsum(c[order].double(), 0)
-            k = int(torch.searchsorted(cum, energy * float(cum[-1]) * (1 - 1e-12))) + 1
-            keep = order[: min(k, int((c > 0).sum()))]
-            self.rows.append((E, keep, E.detach()[keep].clone()))
-
-    def attach(self, opt: torch.optim.Optimizer) -> "ProtectConstants":
-        opt.register_step_post_hook(self._post)
-        return self
-
-    @torch.no_grad()
-    def _post(self, opt: Any, args: Any, kwargs: Any) -> None:
-        for E, keep, E0 in self.rows:
-            E[keep] = E0
-
-    def summary(self) -> str:
-        return (f"{self.frozen} 1-D parameters frozen; embedding rows kept: "
-                + ", ".join(f"{len(k)}/{E.shape[0]}" for E, k, _ in self.rows))
-
-
-def embedding_counts(model: nn.Module, batches: Sequence[Any]) -> Dict[str, torch.Tensor]:
-    """How often each row of each nn.Embedding is read on the probe batches (forward pre-hooks)."""
-    counts: Dict[str, torch.Tensor] = {}
-    hs = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Embedding):
-            counts[name] = torch.zeros(m.num_embeddings, dtype=torch.long)
-
-            def hook(mod, args, name=name):
-                counts[name] += torch.bincount(args[0].reshape(-1).cpu(), minlength=mod.num_embeddings)
-
-            hs.append(m.register_forward_pre_hook(hook))
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for b in batches:
-                model(**b)
-    finally:
-        for h in hs:
-            h.remove()
-        model.train(was)
-    return counts
 
 
 def adamw(params: Sequence[nn.Parameter], lr: float) -> torch.optim.Optimizer:

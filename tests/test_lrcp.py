@@ -679,3 +679,61 @@ def test_check_gates_drift_inside_the_protected_subspaces(cli, mixtral_runs, tmp
     assert "protected" in (tmp_path / "j.xml").read_text()
     r = cli(["check", "--results", tmp_path / "ok", "--policy", pol, "-q"])
     assert r.returncode == 0, r.stderr + r.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# ProtectConstants: biases, norms and ancestral embedding rows
+
+
+def test_energy_rows_rule():
+    rows = L.energy_rows(torch.tensor([5, 0, 10, 1]), 0.9)  # 10 + 5 = 15 >= 0.9 * 16 = 14.4
+    assert sorted(rows.tolist()) == [0, 2]
+    assert sorted(L.energy_rows(torch.tensor([5, 0, 10, 1]), 1.0).tolist()) == [0, 2, 3]  # never a zero row
+    assert L.energy_rows(torch.tensor([3, 3, 3, 3]), 0.5).tolist() == [0, 1]  # ties: lowest index first
+    assert L.energy_rows(torch.zeros(4, dtype=torch.long), 0.9).numel() == 0
+    with pytest.raises(UsageError):
+        L.energy_rows(torch.tensor([1, 2]), 0.0)
+
+
+class _TinyLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(12, 6)
+        self.norm = nn.LayerNorm(6)
+        self.proj = nn.Linear(6, 12)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(self.emb(ids)))
+
+
+def test_protect_constants_under_adamw():
+    torch.manual_seed(0)
+    model = _TinyLM()
+    ancestral = [torch.tensor([[0, 1, 1, 2, 2, 2, 3]])]  # tokens 0-3 carry the ancestral energy
+    counts = L.embedding_counts(model, ancestral)
+    assert counts["emb"][:5].tolist() == [1, 2, 3, 1, 0]
+    pc = L.ProtectConstants(model, counts, 1.0)
+    assert sorted(pc.frozen) == ["norm.bias", "norm.weight", "proj.bias"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    pc.attach(opt)
+    new_task = torch.tensor([[0, 5, 6, 7, 2, 8]])  # new tokens 5-8 beside ancestral 0 and 2
+    for _ in range(20):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(new_task[:, :-1]).reshape(-1, 12), new_task[:, 1:].reshape(-1)).backward()
+        opt.step()
+    after = dict(model.named_parameters())
+    for n in pc.frozen:
+        assert torch.equal(after[n], before[n]), n
+    assert torch.equal(after["emb.weight"][:4], before["emb.weight"][:4])  # ancestral rows restored
+    assert not torch.equal(after["emb.weight"][5:8], before["emb.weight"][5:8])  # new tokens learn
+    assert not torch.equal(after["proj.weight"], before["proj.weight"])  # unconstrained here
+    assert "3 1-D parameters frozen" in pc.summary() and "emb: 4/12 rows kept" in pc.summary()
+
+
+def test_protect_constants_bad_counts():
+    model = _TinyLM()
+    with pytest.raises(UsageError, match="not an nn.Embedding"):
+        L.ProtectConstants(model, {"proj": torch.ones(12)}, 0.9)
+    with pytest.raises(UsageError, match="rows"):
+        L.ProtectConstants(_TinyLM(), {"emb": torch.ones(5)}, 0.9)

@@ -5,7 +5,8 @@ vulnerable circuits put.
 2. capture ancestral input covariances and build protected subspaces (:func:`fit_subspaces`, or the
    data-free :func:`fit_subspaces_data_free`), saved as a safetensors artefact;
 3. train with the constraint on the optimizer update (:class:`LRCP` / :func:`attach_lrcp`,
-   :class:`LRCPCallback` for the transformers ``Trainer``; LoRA via PEFT or :mod:`.lora`);
+   :class:`LRCPCallback` for the transformers ``Trainer``; LoRA via PEFT or :mod:`.lora`), and
+   :class:`ProtectConstants` for biases, norms and the embedding rows of ancestral tokens;
 4. verify from checkpoints alone (:func:`protected_drift`).
 
 The artefact, selection and verification are numpy-only; the names that need torch
@@ -35,6 +36,7 @@ _LAZY = {
     "CovarianceCapture": ".capture", "fit_subspaces": ".capture", "fit_subspaces_data_free": ".capture",
     "LoRALinear": ".lora", "apply_lora": ".lora", "merge_lora": ".lora",
     "LRCPCallback": ".trainer", "gradient_conflict": ".select",
+    "ProtectConstants": ".constants", "embedding_counts": ".constants", "energy_rows": ".constants",
 }
 
 __all__ = [
