@@ -44,7 +44,11 @@ fn fp8(code: u8, e_bits: u32, m_bits: u32, finite_only: bool) -> f32 {
             return f32::NAN;
         }
     } else if e == emax {
-        return if m == 0 { (sign * f64::INFINITY) as f32 } else { f32::NAN };
+        return if m == 0 {
+            (sign * f64::INFINITY) as f32
+        } else {
+            f32::NAN
+        };
     }
     let v = if e == 0 {
         (m as f64) / (1u64 << m_bits) as f64 * 2f64.powi(1 - bias)
@@ -103,7 +107,10 @@ fn build(kind: u8, rows: u64, cols: u64, scale_kind: u8, raw: &[u8], scale_raw: 
                 .chunks_exact(8)
                 .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
                 .collect();
-            Built { entries: vec![(name, "F64", vec![rows, cols], d)], values }
+            Built {
+                entries: vec![(name, "F64", vec![rows, cols], d)],
+                values,
+            }
         }
         1 => {
             let d = bytes_of(raw, 4 * n);
@@ -111,7 +118,10 @@ fn build(kind: u8, rows: u64, cols: u64, scale_kind: u8, raw: &[u8], scale_raw: 
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
                 .collect();
-            Built { entries: vec![(name, "F32", vec![rows, cols], d)], values }
+            Built {
+                entries: vec![(name, "F32", vec![rows, cols], d)],
+                values,
+            }
         }
         2 | 3 => {
             let d = bytes_of(raw, 2 * n);
@@ -128,14 +138,23 @@ fn build(kind: u8, rows: u64, cols: u64, scale_kind: u8, raw: &[u8], scale_raw: 
                 })
                 .collect();
             let dt = if bf { "BF16" } else { "F16" };
-            Built { entries: vec![(name, dt, vec![rows, cols], d)], values }
+            Built {
+                entries: vec![(name, dt, vec![rows, cols], d)],
+                values,
+            }
         }
         4 | 5 => {
             let e4m3 = kind % 7 == 4;
             let d = bytes_of(raw, n);
             let codes: Vec<f32> = d
                 .iter()
-                .map(|&c| if e4m3 { fp8(c, 4, 3, true) } else { fp8(c, 5, 2, false) })
+                .map(|&c| {
+                    if e4m3 {
+                        fp8(c, 4, 3, true)
+                    } else {
+                        fp8(c, 5, 2, false)
+                    }
+                })
                 .collect();
             // Scale layout: per tensor, per row ([rows] or [rows, 1]), or square power-of-two
             // blocks; stored as F32 or BF16.
@@ -190,7 +209,11 @@ fn build(kind: u8, rows: u64, cols: u64, scale_kind: u8, raw: &[u8], scale_raw: 
                 }
             }
             let dt = if e4m3 { "F8_E4M3" } else { "F8_E5M2" };
-            let suffix = if scale_kind & 1 != 0 { "_scale_inv" } else { "_scale" };
+            let suffix = if scale_kind & 1 != 0 {
+                "_scale_inv"
+            } else {
+                "_scale"
+            };
             Built {
                 entries: vec![
                     (name.clone(), dt, vec![rows, cols], d),
@@ -225,7 +248,12 @@ fn write(path: &std::path::Path, b: &Built) {
     let entries: Vec<Entry<'_>> = b
         .entries
         .iter()
-        .map(|(n, d, s, bytes)| Entry { name: n, dtype: d, shape: s.clone(), data: bytes.clone() })
+        .map(|(n, d, s, bytes)| Entry {
+            name: n,
+            dtype: d,
+            shape: s.clone(),
+            data: bytes.clone(),
+        })
         .collect();
     std::fs::write(path, safetensors_bytes(&entries)).expect("write");
 }
@@ -262,13 +290,20 @@ fn check_kernels(a: &[f32], b: &[f32], c: &[f32]) {
     let want = pair_ref(a, b);
     assert!(same64(got.sq_a, want.0), "sq_a {} vs {}", got.sq_a, want.0);
     assert!(same64(got.sq_b, want.1), "sq_b {} vs {}", got.sq_b, want.1);
-    assert!(same64(got.diff_sq, want.2), "diff_sq {} vs {}", got.diff_sq, want.2);
+    assert!(
+        same64(got.diff_sq, want.2),
+        "diff_sq {} vs {}",
+        got.diff_sq,
+        want.2
+    );
     assert_eq!(got.equal, want.3);
     assert!(same64(diff_sq(a, b), want.2));
     assert!(same64(step_dot(a, b, c), step_dot_ref(a, b, c)));
     // bf16 straight from bytes must equal decoding first.
     let to_bf = |v: &[f32]| -> Vec<u8> {
-        v.iter().flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes()).collect()
+        v.iter()
+            .flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes())
+            .collect()
     };
     let (ab, bb) = (to_bf(a), to_bf(b));
     let dec = |v: &[u8]| -> Vec<f32> {
@@ -304,7 +339,11 @@ fuzz_target!(|inp: Input| {
     let cols = 1 + (inp.cols % 100) as u64;
     let base = build(inp.kind, rows, cols, inp.scale, &inp.a, &inp.c);
     let ft = build(inp.kind, rows, cols, inp.scale, &inp.b, &inp.c);
-    check_kernels(&base.values, &ft.values, &build(inp.kind, rows, cols, inp.scale, &inp.c, &inp.a).values);
+    check_kernels(
+        &base.values,
+        &ft.values,
+        &build(inp.kind, rows, cols, inp.scale, &inp.c, &inp.a).values,
+    );
 
     let dir = scratch();
     let (pa, pb) = (dir.join("base.safetensors"), dir.join("ft.safetensors"));
@@ -315,7 +354,12 @@ fuzz_target!(|inp: Input| {
         .unwrap_or_else(|e| panic!("valid file refused: {e}"));
     assert_eq!(got.len(), base.values.len(), "shape {shape:?}");
     for (i, (&g, &w)) in got.iter().zip(&base.values).enumerate() {
-        assert!(same(g, w), "element {i}: read {g} ({:#x}), expected {w} ({:#x})", g.to_bits(), w.to_bits());
+        assert!(
+            same(g, w),
+            "element {i}: read {g} ({:#x}), expected {w} ({:#x})",
+            g.to_bits(),
+            w.to_bits()
+        );
     }
     let run = RunOptions {
         threads: 1 + (inp.chunk % 2) as usize,
@@ -336,10 +380,23 @@ fuzz_target!(|inp: Input| {
     let nonfinite = base.values.iter().chain(&ft.values).any(|v| !v.is_finite());
     let s = &t.steps[0];
     if nonfinite {
-        assert!(s.fro_delta.is_nan() || !s.fro_delta.is_finite(), "non-finite input, finite drift");
+        assert!(
+            s.fro_delta.is_nan() || !s.fro_delta.is_finite(),
+            "non-finite input, finite drift"
+        );
     } else {
-        assert!(close(s.norm * s.norm, s1), "norm² {} vs {}", s.norm * s.norm, s1);
-        assert!(close(s.fro_delta * s.fro_delta, sd), "Δ² {} vs {}", s.fro_delta * s.fro_delta, sd);
+        assert!(
+            close(s.norm * s.norm, s1),
+            "norm² {} vs {}",
+            s.norm * s.norm,
+            s1
+        );
+        assert!(
+            close(s.fro_delta * s.fro_delta, sd),
+            "Δ² {} vs {}",
+            s.fro_delta * s.fro_delta,
+            sd
+        );
         assert!(close(t.base.norm * t.base.norm, s0));
     }
 });

@@ -69,7 +69,11 @@ struct Input {
 }
 
 fn rel(parts: &[u8]) -> PathBuf {
-    parts.iter().take(4).map(|&i| NAMES[i as usize % NAMES.len()]).collect()
+    parts
+        .iter()
+        .take(4)
+        .map(|&i| NAMES[i as usize % NAMES.len()])
+        .collect()
 }
 
 fn build(root: &Path, outside: &Path, entries: &[(Vec<u8>, Node)]) -> Vec<PathBuf> {
@@ -106,7 +110,9 @@ fn build(root: &Path, outside: &Path, entries: &[(Vec<u8>, Node)]) -> Vec<PathBu
                 }
                 std::fs::write(&p, serde_json::json!({ "weight_map": m }).to_string())
             }
-            Node::Symlink(t) => std::os::unix::fs::symlink(TARGETS[*t as usize % TARGETS.len()], &p),
+            Node::Symlink(t) => {
+                std::os::unix::fs::symlink(TARGETS[*t as usize % TARGETS.len()], &p)
+            }
             Node::AbsSymlinkOutside => {
                 std::os::unix::fs::symlink(outside.join("e.safetensors"), &p)
             }

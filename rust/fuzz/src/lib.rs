@@ -70,7 +70,9 @@ pub fn check_error(e: &Error, paths: &[&Path]) {
     let msg = e.to_string();
     assert!(!msg.is_empty(), "empty error message: {e:?}");
     match e {
-        Error::Config { .. } | Error::Cancelled => panic!("input produced a non-input error: {e:?}"),
+        Error::Config { .. } | Error::Cancelled => {
+            panic!("input produced a non-input error: {e:?}")
+        }
         _ => {}
     }
     let named = paths.iter().any(|p| {
@@ -106,7 +108,12 @@ pub fn exercise(path: &Path, opts: &OpenOptions, named: &[&Path]) -> Option<Vec<
         match read_tensor(path, &t.name, opts, 16 << 20) {
             Ok((shape, values)) => {
                 let n: u64 = shape.iter().product();
-                assert_eq!(n as usize, values.len(), "tensor {:?}: shape vs values", t.name);
+                assert_eq!(
+                    n as usize,
+                    values.len(),
+                    "tensor {:?}: shape vs values",
+                    t.name
+                );
                 assert_eq!(shape, t.shape, "tensor {:?}: shape changed on read", t.name);
             }
             Err(e) => check_error(&e, &named_all),
