@@ -381,16 +381,7 @@ pub fn run_part(
             budget,
         } => {
             let accs = stream_drift(ckpts, plan, budget, control, &select)?;
-            let done: Vec<(usize, DriftAcc)> = accs
-                .into_iter()
-                .enumerate()
-                .filter_map(|(t, a)| a.map(|a| (t, a)))
-                .collect();
-            w.usize(done.len());
-            for (t, a) in &done {
-                w.usize(*t);
-                a.put(&mut w);
-            }
+            put_accs(&mut w, accs);
         }
         Prep::Analyze(p) => {
             for u in &p.units {
@@ -405,16 +396,7 @@ pub fn run_part(
                 }
             }
             let (accs, units) = analyze::execute(p, Some(&select), control)?;
-            let done: Vec<(usize, DriftAcc)> = accs
-                .into_iter()
-                .enumerate()
-                .filter_map(|(t, a)| a.map(|a| (t, a)))
-                .collect();
-            w.usize(done.len());
-            for (t, a) in &done {
-                w.usize(*t);
-                a.put(&mut w);
-            }
+            put_accs(&mut w, accs);
             w.usize(units.len());
             for (i, r) in &units {
                 w.usize(*i);
@@ -451,6 +433,20 @@ fn open_part<'a>(bytes: &'a [u8], kind: u8, fp: &[u64], i: usize) -> Result<Read
         });
     }
     Ok(r)
+}
+
+/// The counterpart of [`take_accs`]: the computed tensors' accumulators, with their plan index.
+fn put_accs(w: &mut Writer, accs: Vec<Option<DriftAcc>>) {
+    let done: Vec<(usize, DriftAcc)> = accs
+        .into_iter()
+        .enumerate()
+        .filter_map(|(t, a)| a.map(|a| (t, a)))
+        .collect();
+    w.usize(done.len());
+    for (t, a) in &done {
+        w.usize(*t);
+        a.put(w);
+    }
 }
 
 fn take_accs(
