@@ -14,6 +14,7 @@ target found one. Needs the nightly toolchain and cargo-fuzz (`cargo install car
 from __future__ import annotations
 
 import argparse
+import hashlib
 import datetime as dt
 import json
 import os
@@ -30,6 +31,13 @@ TARGETS = ["header", "index", "tree", "decode"]
 DICT = {"header": HERE / "dict/safetensors.dict", "index": HERE / "dict/safetensors.dict"}
 TARGET_DIR = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target" / "fuzz"))
 TICK = os.sysconf("SC_CLK_TCK")
+# What the binaries were built from: HEAD at the end of a run says nothing about an older build.
+STAMP = TARGET_DIR / "forgetscope-fuzz-build.json"
+SOURCES = ["rust/forgetscope-core", "rust/fuzz/src", "rust/fuzz/fuzz_targets", "rust/fuzz/Cargo.toml"]
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
 def build(targets: list[str]) -> None:
@@ -37,6 +45,23 @@ def build(targets: list[str]) -> None:
     for t in targets:
         subprocess.run(["cargo", "+nightly", "fuzz", "build", "--fuzz-dir", str(HERE), "-O", t],
                        cwd=ROOT, env=env, check=True)
+    STAMP.write_text(json.dumps({"commit": git("rev-parse", "--short", "HEAD"),
+                                 "dirty_sources": bool(git("status", "--porcelain", "--", *SOURCES))}))
+
+
+def built_from() -> dict:
+    try:
+        return json.loads(STAMP.read_text())
+    except (OSError, ValueError):
+        return {"commit": "unknown (built without campaign.py)", "dirty_sources": None}
+
+
+def sha256_prefix(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -94,8 +119,8 @@ def run(target: str, cpu_limit: float | None, wall_limit: float | None, nice: in
         "corpus_files": len(list(corpus.iterdir())),
         "new_artifacts": new,
         "exit_status": rc,
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                 capture_output=True, text=True).stdout.strip(),
+        "built_from": built_from(),
+        "binary_sha256": sha256_prefix(binary),
     }
     with open(HERE / "results" / "campaigns.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
