@@ -56,6 +56,9 @@
 //!
 //! **Numerics.** Inputs f32, everything else f64: sums of squares, the differences, the Grams
 //! (faer f64 GEMM, lower triangle, over column panels of at most [`PANEL_BYTES`]) and the traces.
+//! The base ‖A₀ᵀB₀‖² = tr(S_aa·T_bb) is accurate to ≈ 1e-16·‖A₀‖²‖B₀‖² absolute, so the `rel`
+//! fields lose relative accuracy when the base circuit nearly cancels (‖A₀ᵀB₀‖ ≪ ‖A₀‖‖B₀‖); forming
+//! it exactly would need the n×n product that this design avoids.
 //! No input value can overflow f64, so a non-finite output comes only from a non-finite input; any
 //! such output field is reported as NaN (NaN/Inf in a head's slices make that head's fields that
 //! read them NaN; other heads are unaffected). A zero base (base2 = 0, ‖A₀ᵀB₀‖ = 0) makes the
@@ -1029,11 +1032,43 @@ mod tests {
             };
             let qk = floor(y.qk_circuit_drift, y.qk_circuit_rel);
             let ov = floor(y.ov_circuit_drift, y.ov_circuit_rel);
+            // The kernel's own floor on ‖X + Y‖² (module doc): ≈ ε·(‖ΔA‖‖B_t‖ + ‖A₀‖‖ΔB‖)², which
+            // dominates when X ≈ −Y. The head's slice norms bound the factors' norms.
+            let nb = y.base2.sqrt();
+            let kernel_floor = |da: f64, db: f64, drift: f64| {
+                let f = da * (nb + db) + nb * db;
+                let t = 1e-14 * f * f / (2.0 * drift);
+                if t.is_finite() {
+                    t
+                } else {
+                    0.0
+                }
+            };
+            let qk = qk.max(kernel_floor(y.q_delta, y.k_delta, y.qk_circuit_drift));
+            let ov = ov.max(kernel_floor(y.o_delta, y.v_delta, y.ov_circuit_drift));
+            // rel = drift / ‖A₀ᵀB₀‖ carries the drift's error over the base, plus the base's: the
+            // kernel's ‖A₀ᵀB₀‖² is the Gram trace tr(S_aa·T_bb) (module doc), accurate to
+            // ≈ ε·‖A₀‖²‖B₀‖² absolute, with ‖A₀‖²‖B₀‖² ≤ (base2/2)² since ‖A₀‖² + ‖B₀‖² ≤ base2. A
+            // base circuit tiny against its factors leaves `rel` with a large relative error that
+            // no f64 Gram method avoids.
+            let rel_tol = |drift: f64, rel: f64, drift_atol: f64| {
+                let base_circuit = drift / rel;
+                let kappa2 = (y.base2 / 2.0).powi(2) / (base_circuit * base_circuit);
+                let t = 1e-14 * kappa2 * rel + drift_atol / base_circuit;
+                if t.is_finite() {
+                    1e-12 + t
+                } else {
+                    1e-12
+                }
+            };
+            let qk_rel = rel_tol(y.qk_circuit_drift, y.qk_circuit_rel, qk);
+            let ov_rel = rel_tol(y.ov_circuit_drift, y.ov_circuit_rel, ov);
             for ((name, a), (_, b)) in fields(x).into_iter().zip(fields(y)) {
                 let atol = match name {
                     "qk_circuit_drift" => qk,
                     "ov_circuit_drift" => ov,
-                    "qk_circuit_rel" | "ov_circuit_rel" => 1e-12,
+                    "qk_circuit_rel" => qk_rel,
+                    "ov_circuit_rel" => ov_rel,
                     _ => 0.0,
                 };
                 assert!(
@@ -1618,7 +1653,9 @@ mod tests {
             h in 1usize..4, nope in 0usize..4, rope in 0usize..3, dv in 1usize..4,
             q_in in 1usize..7, kv in 1usize..7, hidden in 1usize..8, seed in 0u64..1_000_000,
         ) {
-            prop_assume!(nope + rope > 0);
+            // A head needs a q/k dimension: map the empty draw instead of rejecting it (rejects
+            // cap the number of cases proptest will run).
+            let nope = if nope + rope == 0 { 1 } else { nope };
             let g = mla_geom(h, nope, rope, dv, q_in, kv, hidden);
             let b = Mla::random(&g, seed);
             let c = b.moved(seed + 100, 0.5);
@@ -1628,5 +1665,17 @@ mod tests {
             prop_assert!(close(sum, want, 1e-12), "{} vs {}", sum, want);
             assert_matches(&out, &mla_oracle(&b, &c, &g), 1e-10);
         }
+    }
+
+    /// The input that made `mla_conservation_and_oracle` flaky: the two-term base QK circuit
+    /// nearly cancels (‖A₀ᵀB₀‖ ≪ ‖A₀‖‖B₀‖), so the kernel's Gram-trace base norm carries a relative
+    /// error far above 1e-10 that the tolerance must account for, and the drift must still match.
+    #[test]
+    fn mla_near_cancelling_base_circuit() {
+        let g = mla_geom(1, 2, 0, 1, 1, 1, 1);
+        let b = Mla::random(&g, 804_676);
+        let c = b.moved(804_776, 0.5);
+        let out = mla_head_drift(&b.w(), &c.w(), &g).unwrap();
+        assert_matches(&out, &mla_oracle(&b, &c, &g), 1e-10);
     }
 }
