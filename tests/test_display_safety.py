@@ -9,7 +9,7 @@ Symlink policy (docs/validation.md): every subcommand that opens checkpoints acc
 cache snapshot whose files resolve into ``../../blobs/`` without a flag, refuses (exit 3) a
 checkpoint directory whose file resolves elsewhere, and accepts it with ``--allow-external-symlinks``.
 ``test_hostile.py`` and ``test_hf_fixtures.py`` cover ``inspect`` and ``trajectory``; this file covers
-``analyze``, ``check``, ``fingerprint`` and ``compare-fingerprint`` as well.
+``analyze``, ``check``, ``fingerprint``, ``compare-fingerprint`` and ``lrcp verify`` as well.
 """
 
 from __future__ import annotations
@@ -186,16 +186,24 @@ def _commands(base: Path, ckpt: Path, tmp: Path, pol: Path):
         "compare-fingerprint": None,  # built from a fingerprint of the base, below
         "trajectory": ["trajectory", base, ckpt, "-q"],
         "inspect": ["inspect", ckpt],
+        "lrcp-verify": ["lrcp", "verify", tmp.parent / "subs.safetensors", base, ckpt, "-q"],
     }
 
 
-@pytest.mark.parametrize("command", ["analyze", "check", "fingerprint", "compare-fingerprint", "trajectory", "inspect"])
+@pytest.mark.parametrize("command", ["analyze", "check", "fingerprint", "compare-fingerprint", "trajectory", "inspect",
+                                     "lrcp-verify"])
 def test_symlink_policy_for_every_subcommand(command, pair, layouts, tmp_path):
     pol = tmp_path / "policy.toml"
     pol.write_text(POLICY.replace("max = 0.0", "max = 100.0"))
     base_fp = tmp_path / "base.fsfp"
     if command == "compare-fingerprint":
         cli(["fingerprint", pair[0], "-o", base_fp, "-q"])
+    if command == "lrcp-verify":
+        from forgetscope.lrcp.subspace import ProtectedSubspaces, Site, Target, save_subspaces
+
+        U = np.linalg.qr(np.random.default_rng(0).standard_normal((16, 4)))[0]
+        site = Site("s", U, np.linspace(2, 1, 16), [Target(param=PLAIN)])
+        save_subspaces(ProtectedSubspaces({"s": site}, {}), tmp_path / "subs.safetensors")
 
     def argv(ckpt: Path, sub: str) -> list:
         t = tmp_path / sub

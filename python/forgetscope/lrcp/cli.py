@@ -87,6 +87,8 @@ def add_parser(sub: Any) -> None:
                    help="exit 1 if any ||(W_t-W_0)U|| / ||W_t-W_0|| exceeds this (e.g. 1e-3)")
     v.add_argument("-o", "--output", action="append", default=[], help="write the table (.json, .csv, .parquet)")
     v.add_argument("--top", type=int, default=10, help="rows shown (largest ratio first; default 10)")
+    v.add_argument("--allow-external-symlinks", action="store_true",
+                   help="follow symlinks that leave the checkpoint directories (HF cache blobs/ are always allowed)")
     v.add_argument("--quiet", "-q", action="store_true")
 
 
@@ -253,7 +255,8 @@ def _fit(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from .subspace import protected_drift
 
-    tab = protected_drift(args.artefact, args.base, args.fine_tune)
+    tab = protected_drift(args.artefact, args.base, args.fine_tune,
+                          allow_external_symlinks=args.allow_external_symlinks)
     for out in args.output:
         tab.save(out)
     ratios = np.asarray(tab.columns["ratio"], dtype=np.float64)

@@ -445,11 +445,12 @@ _ROLE_OF = {"expert_gate_up": ("expert_gate", "expert_up"), "expert_down": ("exp
 class _Checkpoint:
     """Tensor lookup in one checkpoint by name, or by (layer, expert, role) for fused/renamed experts."""
 
-    def __init__(self, path: PathLike) -> None:
+    def __init__(self, path: PathLike, allow_external_symlinks: bool = False) -> None:
         from ..api import inspect
 
         self.path = os.fspath(path)
-        self.names = set(inspect(self.path).columns["name"])
+        self.external = allow_external_symlinks
+        self.names = set(inspect(self.path, allow_external_symlinks=self.external).columns["name"])
         self._roles: Optional[Dict[Tuple[int, int, str], str]] = None
         self._cache: Dict[str, np.ndarray] = {}
 
@@ -459,7 +460,7 @@ class _Checkpoint:
 
             self._roles = {}
             try:
-                _, roles = structure(self.path)
+                _, roles = structure(self.path, allow_external_symlinks=self.external)
             except Exception:  # no config: only exact names resolve
                 return self._roles
             c = roles.columns
@@ -474,7 +475,7 @@ class _Checkpoint:
         if name not in self._cache:
             if len(self._cache) > 8:
                 self._cache.clear()
-            self._cache[name] = read_tensor(self.path, name)
+            self._cache[name] = read_tensor(self.path, name, allow_external_symlinks=self.external)
         return self._cache[name]
 
     def resolve(self, t: Target) -> List[Tuple[str, Target]]:
@@ -502,7 +503,8 @@ def _fmt_span(s: Span) -> str:
     return "" if s is None else f"{s[0]}:{s[1]}"
 
 
-def protected_drift(artefact: Union[PathLike, ProtectedSubspaces], base_ckpt: PathLike, ft_ckpt: PathLike) -> "Any":
+def protected_drift(artefact: Union[PathLike, ProtectedSubspaces], base_ckpt: PathLike, ft_ckpt: PathLike, *,
+                    allow_external_symlinks: bool = False) -> "Any":
     """How much of the fine-tune's change lies inside the protected subspaces, per site and target.
 
     For each target view (tensor, expert, rows, cols): ``ratio = ‖(W_t − W_0) U‖_F / ‖W_t − W_0‖_F``
@@ -510,7 +512,8 @@ def protected_drift(artefact: Union[PathLike, ProtectedSubspaces], base_ckpt: Pa
     ``random_ratio = √(k/d)`` (the expected ratio for an unprotected, isotropic change),
     ``rel_delta = ‖W_t − W_0‖_F / ‖W_0‖_F``. Tensors are read with :func:`forgetscope.read_tensor`
     (f32 decode, f64 arithmetic). Fused experts stored per expert on disk (and vice versa) resolve
-    through the checkpoint's structure.
+    through the checkpoint's structure. ``allow_external_symlinks`` lets shards resolve outside the
+    checkpoint directories (the policy of every other reader; see the README).
 
     Returns:
         AnalysisTable ``protected_subspace`` (the table ``forgetscope check`` rules address) with columns ``site, tensor, expert, rows, cols, dim, rank,
@@ -519,7 +522,8 @@ def protected_drift(artefact: Union[PathLike, ProtectedSubspaces], base_ckpt: Pa
     from ..results import AnalysisTable
 
     subs = artefact if isinstance(artefact, ProtectedSubspaces) else load_subspaces(artefact)
-    b, f = _Checkpoint(base_ckpt), _Checkpoint(ft_ckpt)
+    b = _Checkpoint(base_ckpt, allow_external_symlinks)
+    f = _Checkpoint(ft_ckpt, allow_external_symlinks)
     cols: Dict[str, list] = {k: [] for k in ("site", "tensor", "expert", "rows", "cols", "dim", "rank", "delta_norm",
                                              "protected_norm", "ratio", "random_ratio", "rel_delta", "status")}
 
