@@ -722,6 +722,43 @@ def hf_refs_main_escape(d: Path) -> Case:
     return Case(repo, refs, exc=UnsafePathError, keywords=["refs/main|snapshot"])
 
 
+def _hf_repo(d: Path) -> Path:
+    repo = d / "models--org--name"
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    good_file(repo / "snapshots" / "abc123" / "model.safetensors")
+    (repo / "refs").mkdir()
+    return repo
+
+
+def hf_refs_main_fifo(d: Path) -> Case:
+    """refs/main is a FIFO: reading it must not block (found by the `tree` fuzz target)."""
+    repo = _hf_repo(d)
+    os.mkfifo(repo / "refs" / "main")
+    return Case(repo, repo / "refs" / "main", exc=UnsafePathError, keywords=["FIFO"], hang_risk=True)
+
+
+def hf_refs_main_dev_zero(d: Path) -> Case:
+    """refs/main links to /dev/zero: never read (it would grow without bound), even when allowed."""
+    repo = _hf_repo(d)
+    os.symlink("/dev/zero", repo / "refs" / "main")
+    return Case(repo, repo / "refs" / "main", exc=UnsafePathError, keywords=["symlink"], hang_risk=True,
+                kwargs={"allow_external_symlinks": True}, cli_args=["--allow-external-symlinks"])
+
+
+def hf_refs_main_symlink_out(d: Path) -> Case:
+    """refs/main links to a file elsewhere, whose text an error would quote."""
+    repo = _hf_repo(d)
+    write(d / "secret.txt", b"abc123\n")
+    os.symlink(d / "secret.txt", repo / "refs" / "main")
+    return Case(repo, repo / "refs" / "main", exc=UnsafePathError, keywords=["symlink"])
+
+
+def hf_refs_main_huge(d: Path) -> Case:
+    repo = _hf_repo(d)
+    write(repo / "refs" / "main", b"a" * 100_000)
+    return Case(repo, repo / "refs" / "main", exc=UnsafePathError, keywords=["100000 bytes"])
+
+
 def missing_path(d: Path) -> Case:
     p = d / "does-not-exist.safetensors"
     return Case(p, p, exc=CheckpointNotFoundError)
@@ -754,7 +791,8 @@ HOSTILE: Dict[str, Builder] = {f.__name__: f for f in [
     fifo_shard, fifo_direct, fifo_model_in_dir, fifo_index, fifo_index_direct, directory_as_shard,
     directory_as_model, dev_null, symlink_to_dev_zero,
     only_pytorch_bin, empty_directory, two_safetensors_no_index, symlink_loop, dangling_symlink,
-    hf_refs_main_escape, missing_path,
+    hf_refs_main_escape, hf_refs_main_fifo, hf_refs_main_dev_zero, hf_refs_main_symlink_out, hf_refs_main_huge,
+    missing_path,
 ]}
 
 

@@ -167,7 +167,7 @@ def test_error_carries_tensor_attribute(name: str, tmp_path: Path) -> None:
     assert info.value.tensor == case.tensor, f".tensor is {info.value.tensor!r}: {info.value}"
 
 
-HANG_RISK = [n for n in ALL if n.startswith("fifo") or n == "symlink_to_dev_zero"]
+HANG_RISK = [n for n in ALL if n.startswith("fifo") or n in ("symlink_to_dev_zero", "hf_refs_main_fifo", "hf_refs_main_dev_zero")]
 
 _API_PROBE = """
 import json, sys, forgetscope as fs

@@ -75,7 +75,7 @@ def run(target: str, cpu_limit: float | None, wall_limit: float | None, nice: in
     artifacts = HERE / "artifacts" / target
     corpus.mkdir(parents=True, exist_ok=True)
     artifacts.mkdir(parents=True, exist_ok=True)
-    log = HERE / "results" / f"{target}.log"
+    log = HERE / "results" / f"{target}.{os.getpid()}.log"  # two campaigns of one target must not share it
     log.parent.mkdir(exist_ok=True)
     cmd = [str(binary), str(corpus), f"-artifact_prefix={artifacts}/", "-timeout=10",
            "-rss_limit_mb=2048", "-max_len=65536", "-print_final_stats=1"]
@@ -119,6 +119,7 @@ def run(target: str, cpu_limit: float | None, wall_limit: float | None, nice: in
         "corpus_files": len(list(corpus.iterdir())),
         "new_artifacts": new,
         "exit_status": rc,
+        "log": str(log.relative_to(HERE)),
         "built_from": built_from(),
         "binary_sha256": sha256_prefix(binary),
     }

@@ -86,7 +86,11 @@ pub fn resolve(path: &Path, allow_external_symlinks: bool) -> Result<Resolved> {
     if !meta.is_dir() {
         // FIFOs, devices, sockets: let the file opener produce the uniform message.
         super::file::open_regular(path)?;
-        unreachable!("open_regular accepts only regular files");
+        // Only reached if it became a regular file since the stat above.
+        return Err(Error::Changed {
+            path: path.to_path_buf(),
+            reason: "it changed type while being opened; re-run on a stable copy".into(),
+        });
     }
     let dir = hf_repo_snapshot(path)?.unwrap_or_else(|| path.to_path_buf());
     let index = dir.join("model.safetensors.index.json");
@@ -158,7 +162,7 @@ fn hf_repo_snapshot(dir: &Path) -> Result<Option<PathBuf>> {
         return Ok(None);
     }
     let refs_main = dir.join("refs").join("main");
-    if let Ok(text) = std::fs::read_to_string(&refs_main) {
+    if let Some(text) = read_ref(&refs_main)? {
         let rev = text.trim();
         if rev.is_empty()
             || !is_plain_relative(Path::new(rev))
@@ -182,6 +186,44 @@ fn hf_repo_snapshot(dir: &Path) -> Result<Option<PathBuf>> {
             reason: format!("Hugging Face cache folder with {n} snapshots and no refs/main; pass snapshots/<revision>"),
         }),
     }
+}
+
+/// Longest `refs/main` read: it holds one 40-hex-digit revision.
+const MAX_REF_BYTES: u64 = 4096;
+
+/// The text of a cache's `refs/main`, or None when there is none. It is read like any untrusted
+/// file (found by fuzzing: a FIFO here blocked `read_to_string` forever, and a link to `/dev/zero`
+/// would grow without bound): it must be a small regular file, not a symlink, since the Hugging
+/// Face cache writes refs as plain files and an error quotes what it holds.
+fn read_ref(refs_main: &Path) -> Result<Option<String>> {
+    let unsafe_ref = |reason: String| Error::UnsafePath {
+        path: refs_main.to_path_buf(),
+        reason,
+    };
+    match std::fs::symlink_metadata(refs_main) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(refs_main, e)),
+        Ok(m) if m.file_type().is_symlink() => {
+            return Err(unsafe_ref(
+                "refs/main is a symlink; the Hugging Face cache writes it as a plain file \
+                 (pass snapshots/<revision>)"
+                    .into(),
+            ))
+        }
+        Ok(_) => {}
+    }
+    let (file, id) = super::file::open_regular(refs_main)?;
+    if id.len() > MAX_REF_BYTES {
+        return Err(unsafe_ref(format!(
+            "refs/main is {} bytes; it should hold one revision",
+            id.len()
+        )));
+    }
+    let mut bytes = vec![0u8; id.len() as usize];
+    super::file::read_exact_at(&file, refs_main, &mut bytes, 0)?;
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|_| unsafe_ref("refs/main is not UTF-8 text".into()))
 }
 
 fn resolve_dir_file(
