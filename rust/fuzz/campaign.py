@@ -31,8 +31,9 @@ TARGETS = ["header", "index", "tree", "decode"]
 DICT = {"header": HERE / "dict/safetensors.dict", "index": HERE / "dict/safetensors.dict"}
 TARGET_DIR = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target" / "fuzz"))
 TICK = os.sysconf("SC_CLK_TCK")
-# What the binaries were built from: HEAD at the end of a run says nothing about an older build.
-STAMP = TARGET_DIR / "forgetscope-fuzz-build.json"
+# What each binary was built from: HEAD at the end of a run says nothing about an older build, and
+# building one target leaves the others as they were, so each target has its own stamp.
+STAMPS = TARGET_DIR / "forgetscope-fuzz-build"
 SOURCES = ["rust/forgetscope-core", "rust/fuzz/src", "rust/fuzz/fuzz_targets", "rust/fuzz/Cargo.toml"]
 
 
@@ -45,13 +46,15 @@ def build(targets: list[str]) -> None:
     for t in targets:
         subprocess.run(["cargo", "+nightly", "fuzz", "build", "--fuzz-dir", str(HERE), "-O", t],
                        cwd=ROOT, env=env, check=True)
-    STAMP.write_text(json.dumps({"commit": git("rev-parse", "--short", "HEAD"),
-                                 "dirty_sources": bool(git("status", "--porcelain", "--", *SOURCES))}))
+        STAMPS.mkdir(parents=True, exist_ok=True)
+        (STAMPS / f"{t}.json").write_text(json.dumps({
+            "commit": git("rev-parse", "--short", "HEAD"),
+            "dirty_sources": bool(git("status", "--porcelain", "--", *SOURCES))}))
 
 
-def built_from() -> dict:
+def built_from(target: str) -> dict:
     try:
-        return json.loads(STAMP.read_text())
+        return json.loads((STAMPS / f"{target}.json").read_text())
     except (OSError, ValueError):
         return {"commit": "unknown (built without campaign.py)", "dirty_sources": None}
 
@@ -120,7 +123,7 @@ def run(target: str, cpu_limit: float | None, wall_limit: float | None, nice: in
         "new_artifacts": new,
         "exit_status": rc,
         "log": str(log.relative_to(HERE)),
-        "built_from": built_from(),
+        "built_from": built_from(target),
         "binary_sha256": sha256_prefix(binary),
     }
     with open(HERE / "results" / "campaigns.jsonl", "a") as f:
